@@ -1,0 +1,34 @@
+# The two commands: `make run` and `make test`. Both set up .venv when it is missing or stale.
+PY ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: setup run data test test-all bench clean-outputs
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup            ## the whole pipeline on the built-in dataset
+	$(BIN)/tessera run $(ARGS)
+
+data: setup           ## only the data flow
+	$(BIN)/tessera data $(ARGS)
+
+test: setup           ## fast tests (slow ones: make test-all)
+	$(BIN)/python -m pytest $(ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest -m '' $(ARGS)
+
+bench: setup
+	$(BIN)/python -m benchmarks $(ARGS)
+
+clean-outputs:
+	rm -rf outputs

@@ -1,0 +1,66 @@
+"""The `data` flow: built-in dataset or user sources -> ingest -> shards -> preprocess."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flows.params import DataParams
+from tasks import data as stages
+from tasks.features import MelConfig
+from tasks.ingest import IngestConfig, Sources
+from tasks.preprocess import PrepConfig
+from tasks.shards import ShardConfig
+from tasks.synthetic import SyntheticConfig
+
+
+def _configs(p: DataParams):
+    ingest = IngestConfig(
+        sample_rate=p.sample_rate,
+        caption_path_col=p.caption_path_col,
+        caption_col=p.caption_col,
+        transcript_path_col=p.transcript_path_col,
+        transcript_col=p.transcript_col,
+    )
+    shard = ShardConfig(maxcount=p.shard_maxcount, val_fraction=p.val_fraction, test_fraction=p.test_fraction)
+    mel = MelConfig(sample_rate=p.sample_rate, n_mels=p.n_mels, n_frames=p.n_frames)
+    prep = PrepConfig(image_size=p.image_size, mel=mel, maxcount=p.shard_maxcount)
+    return ingest, shard, prep
+
+
+def _summary(ingested: dict, sharded: dict, prepared: dict) -> str:
+    lines = ["| modality | train | val | test |", "|---|---|---|---|"]
+    for modality, counts in sorted(sharded["counts"].items()):
+        lines.append(f"| {modality} | {counts.get('train', 0)} | {counts.get('val', 0)} | {counts.get('test', 0)} |")
+    lines += [
+        "",
+        f"quarantined: **{ingested['n_quarantined']}** (see `{ingested['quarantine']}`)",
+        f"shards: `{sharded['path']}` (manifest digest `{sharded['digest']}`)",
+        f"model-ready: `{prepared['path']}`",
+    ]
+    return "\n".join(lines)
+
+
+@flow(name="data", log_prints=True)
+def data_flow(params: DataParams = DataParams()) -> dict:
+    root = Path(params.root).resolve()
+    ingest_cfg, shard_cfg, prep_cfg = _configs(params)
+    if params.builtin:
+        syn = SyntheticConfig(
+            n_images=params.size, n_audio=max(4, params.size // 2), image_size=params.image_size,
+            sample_rate=params.sample_rate, seed=params.seed,
+        )
+        sources = stages.builtin_sources(stages.builtin_dataset(syn, root)["path"])
+    else:
+        sources = Sources(
+            images=params.images, audio=params.audio, captions=params.captions,
+            transcripts=params.transcripts, shards=tuple(params.shards),
+        )
+    ingested = stages.ingest(sources, ingest_cfg, root)
+    sharded = stages.shard(Path(ingested["items"]), shard_cfg, root)
+    prepared = stages.preprocess(Path(sharded["path"]), prep_cfg, root)
+    create_markdown_artifact(_summary(ingested, sharded, prepared), key="data-summary", description="tessera data")
+    print(f"data ready: {prepared['path']} ({ingested['n_quarantined']} quarantined)")
+    return {"ingest": ingested, "shards": sharded, "prep": prepared}

@@ -1,0 +1,75 @@
+"""The project's one Prefect cache policy: content digests + config + task source.
+
+Prefect's `INPUTS` policy hashes a `Path` as its string, and its default policy includes the run id (no reuse
+across runs). Here a `Path` input is keyed by its content: a finished task output by the digest in its `_SUCCESS`
+record, any other file or folder by the sha256 of its bytes. Configs are keyed by their fields. An input named
+`root` (the output root) is keyed by an epoch file inside it, so deleting the whole output root invalidates every
+cached record that pointed into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+
+from tasks.common import digest, file_sha256, read_success, to_jsonable, tree_digest
+
+EPOCH = ".epoch"
+
+
+def root_epoch(root: Path) -> str:
+    """A random id stored in the output root; a new root (or a wiped one) gets a new id."""
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / EPOCH
+    if not marker.exists():
+        marker.write_text(uuid.uuid4().hex)
+    return marker.read_text().strip()
+
+
+def path_digest(path: Path) -> str:
+    """Content digest of a file or folder (a finished task output answers with its recorded digest)."""
+    if not path.exists():
+        return f"missing:{path}"
+    if path.is_file():
+        return file_sha256(path)
+    record = read_success(path)
+    if record is not None and "digest" in record:
+        return record["digest"]
+    return tree_digest(path)
+
+
+def _key_of(value: Any) -> Any:
+    if isinstance(value, Path):
+        return path_digest(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _key_of(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _key_of(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_key_of(v) for v in value]
+    return to_jsonable(value)
+
+
+@dataclass
+class ContentDigest(CachePolicy):
+    """Cache key = task source + content digests of Path inputs + config fields."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
+        if not task_ctx:
+            return None
+        parts = {}
+        for name, value in sorted((inputs or {}).items()):
+            if name == "root" and isinstance(value, Path):
+                parts[name] = root_epoch(value)
+            else:
+                parts[name] = _key_of(value)
+        source = TASK_SOURCE.compute_key(task_ctx, inputs, flow_parameters)
+        return digest(task_ctx.task.name, source, parts, n=32)
+
+
+CONTENT = ContentDigest()

@@ -1,0 +1,115 @@
+"""Small helpers every task shares: digests, atomic output directories, progress bars.
+
+A task writes its output under a directory named by a digest of (input digests, config, code version), into a
+temporary sibling first and renamed when complete, with a `_SUCCESS` record inside. A directory without `_SUCCESS`
+is never treated as finished, so an interrupted run leaves nothing that looks done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Iterator, TypeVar
+
+from tqdm.auto import tqdm
+
+SUCCESS = "_SUCCESS"
+T = TypeVar("T")
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Configs (dataclasses, pydantic models), paths and containers as plain JSON values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if hasattr(obj, "model_dump"):  # pydantic
+        return to_jsonable(obj.model_dump(mode="json"))
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in sorted(obj.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def digest(*parts: Any, n: int = 16) -> str:
+    """A stable hex digest of JSON-able parts (configs, digests, strings)."""
+    blob = json.dumps([to_jsonable(p) for p in parts], sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:n]
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_digest(path: str | Path) -> str:
+    """sha256 over (relative path, content sha256) of every file under a folder, in sorted order."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode() + b"\0" + file_sha256(f).encode())
+    return h.hexdigest()
+
+
+def code_version(*objs: Any) -> str:
+    """Digest of the source of modules/functions: part of every output key, so changed code re-runs."""
+    return digest(*[inspect.getsource(o) for o in objs], n=12)
+
+
+def read_success(path: str | Path) -> dict | None:
+    """The record a finished output directory holds, or None when it is absent or unfinished."""
+    marker = Path(path) / SUCCESS
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text())
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, record: dict | None = None) -> Iterator[Path]:
+    """Yield a temp directory beside `final`; on success write `_SUCCESS` and rename it to `final`.
+
+    On an exception the temp directory is removed and `final` is untouched. The caller fills `record` (a dict it
+    passed in) with what `_SUCCESS` should hold: counts, digests, relative paths.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        write_json(tmp / SUCCESS, record if record is not None else {})
+        if final.exists():  # an unfinished leftover (no _SUCCESS) from an earlier crash: replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it") -> Iterable[T]:
+    """tqdm when attached to a terminal; a plain iterator otherwise (Prefect logs carry progress there)."""
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not sys.stderr.isatty(), leave=False)

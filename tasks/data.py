@@ -1,0 +1,75 @@
+"""Prefect tasks of the data plane: built-in dataset -> ingest -> shards -> preprocess.
+
+Each task names its output directory by a digest of its inputs' content digests, its config and its code, so a
+re-run with the same inputs finds the finished directory (and Prefect's cache, keyed the same way, marks the task
+run Cached). Retries only where a failure can be transient (file I/O); bad items are quarantined, not retried.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from tasks import ingest as ingest_lib
+from tasks import preprocess as prep_lib
+from tasks import shards as shard_lib
+from tasks import synthetic
+from tasks.cache import CONTENT, path_digest
+from tasks.common import code_version, digest, read_success
+from tasks.ingest import IngestConfig, Sources
+from tasks.preprocess import PrepConfig
+from tasks.shards import ShardConfig
+from tasks.synthetic import SyntheticConfig
+
+STAGE = dict(cache_policy=CONTENT, persist_result=True)
+
+
+def _record(out: Path, record: dict) -> dict:
+    return {"path": str(out), **record}
+
+
+@task(name="builtin-dataset", retries=1, **STAGE)
+def builtin_dataset(cfg: SyntheticConfig, root: Path) -> dict:
+    """Generate the built-in synthetic dataset (images, captions, speech) in the layout users bring."""
+    out = Path(root) / "builtin" / digest(cfg, code_version(synthetic))
+    summary = synthetic.generate(cfg, out)
+    return _record(out, {"counts": {k: v for k, v in summary.items() if isinstance(v, int)}})
+
+
+def builtin_sources(dataset_dir: str | Path) -> Sources:
+    d = Path(dataset_dir)
+    return Sources(images=d / "images", audio=d / "audio", captions=d / "captions.csv", transcripts=d / "transcripts.csv")
+
+
+@task(name="ingest", retries=1, **STAGE)
+def ingest(sources: Sources, cfg: IngestConfig, root: Path) -> dict:
+    """Decode and validate every input once; quarantine what fails; write items.parquet."""
+    out = Path(root) / "ingest" / digest(ingest_lib.digest_sources(sources, cfg), cfg, code_version(ingest_lib))
+    res = ingest_lib.ingest(sources, cfg, out)
+    return _record(
+        out,
+        {
+            "items": str(res.items_path),
+            "quarantine": str(res.quarantine_path),
+            "n_items": dict(res.n_items),
+            "n_quarantined": res.n_quarantined,
+            "digest": res.digest,
+        },
+    )
+
+
+@task(name="shard", retries=1, **STAGE)
+def shard(items: Path, cfg: ShardConfig, root: Path) -> dict:
+    """Write webdataset shards and the Parquet manifest."""
+    out = Path(root) / "shards" / digest(path_digest(Path(items)), cfg, code_version(shard_lib))
+    record = read_success(out) or shard_lib.write_shards(Path(items), cfg, out)
+    return _record(out, record)
+
+
+@task(name="preprocess", retries=1, **STAGE)
+def preprocess(shards: Path, cfg: PrepConfig, root: Path) -> dict:
+    """Model-ready spectrogram/image shards, normalisation stats and the patch sample set."""
+    out = Path(root) / "prep" / digest(path_digest(Path(shards)), cfg, code_version(prep_lib))
+    record = read_success(out) or prep_lib.preprocess(Path(shards), cfg, out)
+    return _record(out, record)

@@ -1,0 +1,121 @@
+"""Audio and image features, like whisper's audio.py: named constants, pure array-in/array-out functions.
+
+Log-mel defaults follow the AST recipe: 16 kHz audio, 128 mel bins, 25 ms windows, 10 ms hop. Clips are padded or
+cropped to a fixed number of frames so a batch is one tensor and one torchaudio call.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+from PIL import Image, ImageOps
+
+SAMPLE_RATE = 16000
+N_MELS = 128
+WIN_MS = 25.0
+HOP_MS = 10.0
+N_FRAMES = 128  # 1.28 s: the built-in phrases fit; longer clips are cropped
+LOG_FLOOR = 1e-10
+
+
+@dataclass(frozen=True)
+class MelConfig:
+    sample_rate: int = SAMPLE_RATE
+    n_mels: int = N_MELS
+    win_ms: float = WIN_MS
+    hop_ms: float = HOP_MS
+    n_frames: int = N_FRAMES
+    f_min: float = 20.0
+
+    def __post_init__(self):
+        if self.n_mels < 1 or self.n_frames < 1 or self.hop_ms <= 0 or self.win_ms < self.hop_ms:
+            raise ValueError(f"invalid mel config {self}: need n_mels, n_frames >= 1 and win_ms >= hop_ms > 0")
+
+    @property
+    def win_length(self) -> int:  # samples per window (400 at 16 kHz)
+        return int(round(self.sample_rate * self.win_ms / 1000))
+
+    @property
+    def hop_length(self) -> int:  # samples per hop (160 at 16 kHz)
+        return int(round(self.sample_rate * self.hop_ms / 1000))
+
+    @property
+    def n_fft(self) -> int:  # next power of two >= window (512)
+        return 1 << (self.win_length - 1).bit_length()
+
+    @property
+    def n_samples(self) -> int:
+        """Samples that give exactly n_frames frames with centred STFT frames: 1 + n_samples // hop."""
+        return (self.n_frames - 1) * self.hop_length
+
+
+@lru_cache(maxsize=8)
+def mel_transform(cfg: MelConfig) -> torchaudio.transforms.MelSpectrogram:
+    return torchaudio.transforms.MelSpectrogram(
+        sample_rate=cfg.sample_rate,
+        n_fft=cfg.n_fft,
+        win_length=cfg.win_length,
+        hop_length=cfg.hop_length,
+        f_min=cfg.f_min,
+        n_mels=cfg.n_mels,
+        power=2.0,
+        center=True,
+        mel_scale="slaney",  # linear below 1 kHz: with htk, 128 bands over a 512-point FFT leave empty filters
+        norm="slaney",
+    )
+
+
+def pad_or_trim(wave: np.ndarray, length: int) -> np.ndarray:
+    """Zero-pad at the end or crop a (N,) waveform to `length` samples."""
+    if len(wave) >= length:
+        return wave[:length]
+    return np.pad(wave, (0, length - len(wave)))
+
+
+@torch.no_grad()
+def log_mel(waves: list[np.ndarray] | torch.Tensor, cfg: MelConfig = MelConfig()) -> torch.Tensor:
+    """Batched log-mel spectrogram.
+
+    waves: B mono float waveforms at cfg.sample_rate (any lengths; padded/cropped to cfg.n_samples).
+    returns: float32 tensor, shape = (B, n_mels, n_frames), natural log of power.
+    """
+    if isinstance(waves, torch.Tensor):
+        batch = waves.float()
+        batch = torch.nn.functional.pad(batch, (0, max(0, cfg.n_samples - batch.shape[-1])))[..., : cfg.n_samples]
+    else:
+        batch = torch.from_numpy(np.stack([pad_or_trim(np.asarray(w, np.float32), cfg.n_samples) for w in waves]))
+    mel = mel_transform(cfg)(batch)  # (B, n_mels, n_frames)
+    return torch.log(mel.clamp_min(LOG_FLOOR))
+
+
+def decode_audio(data: bytes) -> tuple[np.ndarray, int]:
+    """WAV/FLAC/OGG/MP3 bytes -> (float32 mono waveform, sample rate), through libsndfile."""
+    wave, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    return wave.mean(axis=1), sr
+
+
+def image_array(data: bytes, size: int) -> np.ndarray:
+    """Image bytes -> uint8 array, shape = (3, size, size): RGB, centre-cropped to square, bicubic resize."""
+    with Image.open(io.BytesIO(data)) as img:
+        img = img.convert("RGB")
+        if img.size != (size, size):
+            img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
+        return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
+
+
+def grid_patches(x: np.ndarray, p: int) -> np.ndarray:
+    """Non-overlapping P x P patches of a (C, H, W) array in raster order -> (H/P * W/P, P*P*C).
+
+    Each patch vector is laid out (p1, p2, c), matching 'c (h p1) (w p2) -> (h w) (p1 p2 c)'.
+    """
+    c, h, w = x.shape
+    if h % p or w % p:
+        raise ValueError(f"array of shape {x.shape} does not split into {p}x{p} patches; pick a patch size dividing {h} and {w}")
+    x = x.reshape(c, h // p, p, w // p, p)  # (C, h, p1, w, p2)
+    return x.transpose(1, 3, 2, 4, 0).reshape((h // p) * (w // p), p * p * c)  # (h*w, p1*p2*C)

@@ -1,0 +1,105 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.features import MelConfig, decode_audio, grid_patches, image_array, log_mel
+from tasks.preprocess import PrepConfig, preprocess
+from tasks.shards import ShardConfig, read_samples, shard_urls, write_shards
+from tests.helpers import item_rows, png_bytes, wav_bytes, write_items
+
+SMALL_MEL = MelConfig(n_mels=32, n_frames=48)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prep")
+    write_items(tmp / "items.parquet", item_rows(40, 30))
+    write_shards(tmp / "items.parquet", ShardConfig(maxcount=16), tmp / "shards")
+    cfg = PrepConfig(image_size=16, mel=SMALL_MEL, batch_size=8, mel_patch=16, n_pixels=500, n_patches=200)
+    record = preprocess(tmp / "shards", cfg, tmp / "prep")
+    return tmp / "prep", cfg, record
+
+
+def test_log_mel_shape_and_frames():
+    cfg = MelConfig()
+    assert (cfg.win_length, cfg.hop_length, cfg.n_fft) == (400, 160, 512)
+    waves = [np.random.default_rng(0).standard_normal(n).astype(np.float32) for n in (8000, 16000, 40000)]
+    mel = log_mel(waves, cfg)
+    assert mel.shape == (3, 128, 128)
+    assert torch.isfinite(mel).all()
+
+
+def test_batched_mel_equals_one_at_a_time():
+    waves = [decode_audio(wav_bytes(300 + 100 * i, 0.4))[0] for i in range(5)]
+    batched = log_mel(waves, SMALL_MEL)
+    single = torch.cat([log_mel([w], SMALL_MEL) for w in waves])
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-4)
+
+
+def test_mel_of_a_tone_peaks_at_its_frequency():
+    low, high = (log_mel([decode_audio(wav_bytes(f, 1.0))[0]], SMALL_MEL)[0].mean(-1).argmax().item() for f in (300, 3000))
+    assert low < high
+
+
+def test_image_array_and_patches():
+    img = image_array(png_bytes((10, 20, 30), size=(40, 20)), 16)
+    assert img.shape == (3, 16, 16) and img.dtype == np.uint8
+    assert tuple(img[:, 8, 8]) == (10, 20, 30)
+    x = np.arange(3 * 8 * 8).reshape(3, 8, 8)
+    p = grid_patches(x, 4)
+    assert p.shape == (4, 48)
+    # patch 1 is the top-right block; its first vector entry is pixel (0, 4), channel 0
+    assert p[1, 0] == x[0, 0, 4] and p[1, 1] == x[1, 0, 4]
+    with pytest.raises(ValueError, match="patch size"):
+        grid_patches(x, 3)
+
+
+def test_preprocessed_shards(prepared):
+    out, cfg, record = prepared
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["image"]["classes"] == ["circle", "square"] and stats["audio"]["classes"] == ["no", "yes"]
+    n = 0
+    for split in ("train", "val", "test"):
+        for s in read_samples(shard_urls(out, "audio", split)):
+            mel = np.load(__import__("io").BytesIO(s["mel.npy"]))
+            assert mel.shape == (32, 48) and mel.dtype == np.float16
+            info = json.loads(s["json"])
+            assert stats["audio"]["classes"][info["label_id"]] == info["label"]
+            n += 1
+    assert n == 30
+    imgs = [s for split in ("train", "val", "test") for s in read_samples(shard_urls(out, "image", split))]
+    assert len(imgs) == 40
+    assert np.load(__import__("io").BytesIO(imgs[0]["img.npy"])).shape == (3, 16, 16)
+
+
+def test_mel_normalised_with_train_stats(prepared):
+    out, _, _ = prepared
+    import io
+
+    train = np.stack([np.load(io.BytesIO(s["mel.npy"])).astype(np.float32) for s in read_samples(shard_urls(out, "audio", "train"))])
+    assert abs(train.mean()) < 0.02 and abs(train.std() - 1) < 0.02
+
+
+def test_patch_sample_set(prepared):
+    out, _, record = prepared
+    pixels = np.load(out / "patches" / "pixels.npy")
+    img = np.load(out / "patches" / "image.npy")
+    mel = np.load(out / "patches" / "mel.npy")
+    assert pixels.shape[1] == 3 and pixels.dtype == np.uint8 and len(pixels) >= 500
+    assert img.shape[1] == 4 * 4 * 3 and len(img) >= 200
+    n_train = record["counts"]["audio"]["train"]
+    assert mel.shape[1] == 16 * 16 and mel.dtype == np.float16
+    assert len(mel) == n_train * 6  # a 32x48 mel has 2x3 patches of 16x16, all kept (cap per item: ceil(200/n) > 6)
+
+
+def test_preprocess_is_deterministic(prepared, tmp_path):
+    out, cfg, record = prepared
+    again = preprocess(out.parent / "shards", cfg, tmp_path / "again")
+    assert again["digest"] == record["digest"]
+
+
+def test_bad_prep_config():
+    with pytest.raises(ValueError, match="image_patch"):
+        PrepConfig(image_size=30, image_patch=4)
