@@ -1,0 +1,106 @@
+"""The codebook stage: fit the VQ codebooks the generative models read and write tokens through.
+
+    pixels  colour palette, one RGB pixel per token (ImageGPT)              fit on prep/patches/pixels.npy
+    image   image patch codebook, one P x P x 3 patch per token (Parti)     fit on prep/patches/image.npy
+    mel     spectrogram patch codebook, one P x P patch per token (TTS)     fit on prep/patches/mel.npy
+Each codebook is saved as {"config": {...}, "state_dict": ...} (loadable with torch.load(weights_only=True)),
+with its quality (distortion, usage, perplexity) and a usage histogram. A codebook that uses fewer than
+`min_usage` of its codes fails the stage: collapsed tokens would quietly starve the generative models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from models.vq import Codebook, fit_kmeans  # noqa: E402
+from tasks.common import atomic_dir, write_json  # noqa: E402
+
+KINDS = ("pixels", "image", "mel")
+
+
+class CodebookCollapseError(ValueError):
+    """A codebook uses too few of its codes."""
+
+
+@dataclass(frozen=True)
+class CodebookConfig:
+    pixels_k: int = 64  # ImageGPT palette size (the built-in set has few colours; ImageGPT used 512 on photos)
+    image_k: int = 256
+    mel_k: int = 256
+    iters: int = 25
+    batch_size: int | None = None  # None: full-batch Lloyd iterations; an int: mini-batch k-means
+    min_usage: float = 0.25
+    seed: int = 0
+
+    def __post_init__(self):
+        for kind in KINDS:
+            if getattr(self, f"{kind}_k") < 2:
+                raise ValueError(f"{kind}_k={getattr(self, f'{kind}_k')} must be >= 2")
+        if not 0 <= self.min_usage <= 1:
+            raise ValueError(f"min_usage={self.min_usage} must be within [0, 1]")
+
+
+def save_codebook(codebook: Codebook, path: Path, meta: dict) -> None:
+    torch.save({"config": {"k": codebook.codes.shape[0], "dim": codebook.codes.shape[1], **meta},
+                "state_dict": codebook.state_dict()}, path)
+
+
+def load_codebook(path: str | Path) -> Codebook:
+    """Rebuild a saved codebook; a missing or unreadable file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"codebook {path} does not exist; run the codebook stage (tessera run) first")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    cb = Codebook(ckpt["config"]["k"], ckpt["config"]["dim"])
+    cb.load_state_dict(ckpt["state_dict"])
+    return cb
+
+
+def _usage_plot(counts: np.ndarray, title: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    order = np.sort(counts)[::-1]
+    ax.bar(np.arange(len(order)), order, width=1.0, color="#4c72b0")
+    ax.set_xlabel("code (sorted by use)")
+    ax.set_ylabel("vectors")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fit_codebooks(prep_dir: Path, cfg: CodebookConfig, out_dir: Path) -> dict:
+    """Fit every codebook whose patch sample exists in `prep_dir/patches`; write them atomically to `out_dir`."""
+    patches = Path(prep_dir) / "patches"
+    record: dict = {"codebooks": {}, "metrics": {}}
+    with atomic_dir(out_dir, record) as tmp:
+        for kind in KINDS:
+            src = patches / f"{kind}.npy"
+            if not src.is_file() or np.load(src, mmap_mode="r").size == 0:
+                continue
+            x = torch.from_numpy(np.load(src).astype(np.float32))  # (N, D)
+            k = getattr(cfg, f"{kind}_k")
+            if len(x) < k:
+                raise ValueError(f"{kind}: only {len(x)} sample vectors for k={k} codes; lower --{kind}-k or add data")
+            codebook, stats = fit_kmeans(x, k, iters=cfg.iters, batch_size=cfg.batch_size, seed=cfg.seed)
+            counts = torch.bincount(codebook.encode(x), minlength=k).numpy()
+            title = f"{kind}: k={k}, usage {stats['usage']:.0%}, perplexity {stats['perplexity']:.1f}"
+            if stats["usage"] < cfg.min_usage:
+                raise CodebookCollapseError(
+                    f"{kind} codebook uses {stats['usage']:.0%} of its {k} codes (< min_usage {cfg.min_usage:.0%}); "
+                    f"lower {kind}_k or add more varied data"
+                )
+            save_codebook(codebook, tmp / f"{kind}.pt", {"kind": kind, "source": src.name})
+            _usage_plot(counts, title, tmp / f"{kind}_usage.png")
+            record["codebooks"][kind] = f"{kind}.pt"
+            record["metrics"][kind] = {**stats, "k": k, "n": len(x), "dim": x.shape[1]}
+        write_json(tmp / "metrics.json", record["metrics"])
+        record["config"] = asdict(cfg)
+    return record

@@ -1,0 +1,53 @@
+"""End to end: the `data` flow on a tiny built-in set, twice (the second run must come from the cache)."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+from flows.cli import main as cli_main
+from flows.data import data_flow
+from flows.params import DataParams
+from tasks.common import read_success
+
+
+def _task_states(flow_run_id) -> dict[str, str]:
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_data_flow_builtin_then_cached(tmp_path):
+    params = DataParams(root=tmp_path / "out", size=24, n_mels=32, n_frames=64, shard_maxcount=8)
+    state = data_flow(params, return_state=True)
+    first = state.result()
+    assert state.is_completed()
+    states = _task_states(state.state_details.flow_run_id)
+    assert set(states.values()) == {"Completed"}, states
+    for stage in ("ingest", "shards", "prep"):
+        assert read_success(first[stage]["path"]) is not None
+    manifest = pq.read_table(f"{first['shards']['path']}/manifest.parquet").to_pylist()
+    assert {r["modality"] for r in manifest} == {"image", "audio"}
+    assert sum(r["modality"] == "image" for r in manifest) == 24
+    stats = json.loads((tmp_path / "out" / "prep").glob("*/stats.json").__next__().read_text())
+    assert len(stats["image"]["classes"]) >= 4 and stats["audio"]["classes"]
+
+    state2 = data_flow(params, return_state=True)
+    assert state2.result() == first
+    states2 = _task_states(state2.state_details.flow_run_id)
+    assert set(states2.values()) == {"Cached"}, states2
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert cli_main(["data", "--images", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "nope" in err and "does not exist" in err
+    assert cli_main(["data", "--size", "-3", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--size" in err and "-3" in err
