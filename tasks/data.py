@@ -14,7 +14,7 @@ from prefect import task
 from tasks import ingest as ingest_lib
 from tasks import preprocess as prep_lib
 from tasks import shards as shard_lib
-from tasks import synthetic
+from tasks import features, speech, synthetic
 from tasks.cache import CONTENT, path_digest
 from tasks.common import code_version, digest, read_success
 from tasks.ingest import IngestConfig, Sources
@@ -32,7 +32,7 @@ def _record(out: Path, record: dict) -> dict:
 @task(name="builtin-dataset", retries=1, **STAGE)
 def builtin_dataset(cfg: SyntheticConfig, root: Path) -> dict:
     """Generate the built-in synthetic dataset (images, captions, speech) in the layout users bring."""
-    out = Path(root) / "builtin" / digest(cfg, code_version(synthetic))
+    out = Path(root) / "builtin" / digest(cfg, code_version(synthetic, speech))
     summary = synthetic.generate(cfg, out)
     return _record(out, {"counts": {k: v for k, v in summary.items() if isinstance(v, int)}})
 
@@ -70,6 +70,6 @@ def shard(items: Path, cfg: ShardConfig, root: Path) -> dict:
 @task(name="preprocess", retries=1, **STAGE)
 def preprocess(shards: Path, cfg: PrepConfig, root: Path) -> dict:
     """Model-ready spectrogram/image shards, normalisation stats and the patch sample set."""
-    out = Path(root) / "prep" / digest(path_digest(Path(shards)), cfg, code_version(prep_lib))
+    out = Path(root) / "prep" / digest(path_digest(Path(shards)), cfg, code_version(prep_lib, features))
     record = read_success(out) or prep_lib.preprocess(Path(shards), cfg, out)
     return _record(out, record)
