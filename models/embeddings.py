@@ -1,0 +1,78 @@
+"""Input embeddings: patches (ViT, AST), learned 2D positional tables that resize, sinusoidal positions.
+
+ViT's z0 = [x_class; E x_1; ...; E x_m] + E_pos with E in R^{(P^2 C) x D} and E_pos in R^{(m+1) x D}:
+`PatchEmbed` computes E x_i for every P x P patch (a strided convolution is exactly a shared linear map of the
+flattened patch), `ViTEncoder` (vit.py) prepends x_class and adds E_pos, resized by `resize_pos_embed` when the
+input grid differs from the one the table was learned on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _pair(v) -> tuple[int, int]:
+    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+class PatchEmbed(nn.Module):
+    """P x P patches -> D-dim tokens. (B, C, H, W) -> (B, N, D), N = gh * gw in raster order (row by row).
+
+    stride = patch: non-overlapping patches (ViT). stride < patch: overlapping patches, AST's (fstride, tstride)
+    over a spectrogram laid out as (B, 1, n_mels, n_frames), i.e. H = frequency, W = time.
+    """
+
+    def __init__(self, in_chans: int, dim: int, patch, stride=None):
+        super().__init__()
+        self.patch = _pair(patch)
+        self.stride = self.patch if stride is None else _pair(stride)
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=self.patch, stride=self.stride)  # weight (D, C, P, P) = E
+
+    def grid(self, h: int, w: int) -> tuple[int, int]:
+        """Number of patch rows and columns for an H x W input."""
+        if h < self.patch[0] or w < self.patch[1]:
+            raise ValueError(f"input {h}x{w} is smaller than the {self.patch[0]}x{self.patch[1]} patch")
+        return (h - self.patch[0]) // self.stride[0] + 1, (w - self.patch[1]) // self.stride[1] + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)  # (B, D, gh, gw)
+        return x.flatten(2).transpose(1, 2)  # (B, gh*gw, D)
+
+    def flops(self, h: int, w: int) -> int:
+        """Forward FLOPs for one H x W input: 2 * (P*P*C) * D per patch."""
+        gh, gw = self.grid(h, w)
+        return 2 * self.proj.weight[0].numel() * self.proj.out_channels * gh * gw
+
+
+def resize_pos_embed(pos: torch.Tensor, old_grid, new_grid, n_prefix: int = 1, mode: str = "bicubic") -> torch.Tensor:
+    """Resample a learned positional table to another patch grid (timm / DeiT recipe).
+
+    pos: (1, n_prefix + gh*gw, D) -> (1, n_prefix + nh*nw, D). Prefix rows (the CLS position) are kept as they are;
+    the grid part is reshaped to its 2D layout and interpolated (bicubic or bilinear, align_corners=False).
+    """
+    (gh, gw), (nh, nw) = _pair(old_grid), _pair(new_grid)
+    if (gh, gw) == (nh, nw):
+        return pos
+    prefix, grid = pos[:, :n_prefix], pos[:, n_prefix:]  # (1, n_prefix, D), (1, gh*gw, D)
+    D = grid.shape[-1]
+    grid = grid.reshape(1, gh, gw, D).permute(0, 3, 1, 2)  # (1, D, gh, gw)
+    grid = F.interpolate(grid.float(), size=(nh, nw), mode=mode, align_corners=False).to(pos.dtype)  # (1, D, nh, nw)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, nh * nw, D)  # (1, nh*nw, D)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def sinusoidal(n_pos: int, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Fixed positional encodings (Vaswani et al.): PE[p, 2i] = sin(p / base^(2i/D)), PE[p, 2i+1] = cos(...).
+
+    Returns (n_pos, dim) float32.
+    """
+    if dim % 2:
+        raise ValueError(f"sinusoidal positions need an even dim, got {dim}")
+    pos = torch.arange(n_pos, dtype=torch.float32)[:, None]  # (n_pos, 1)
+    inv_freq = torch.exp(-math.log(base) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (D/2,)
+    angles = pos * inv_freq  # (n_pos, D/2)
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(n_pos, dim)  # (n_pos, D), sin/cos interleaved
