@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from flows.params import DataParams
+from flows.params import ALL_MODELS, DataParams, PipelineParams
 
 
 def _load_config(path: str | None) -> dict:
@@ -48,14 +48,40 @@ def _add_data_args(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--config", help="YAML or TOML file with the same fields; flags override it")
 
 
-def data_params(args: argparse.Namespace) -> DataParams:
-    values = _load_config(args.config)
-    values = values.get("data", values)
-    for name in DataParams.model_fields:
+def _add_train_args(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("training")
+    g.add_argument("--preset", choices=["default", "tiny"], help="model sizes (tiny: a quick smoke run)")
+    g.add_argument("--steps", type=int, help="optimiser steps for every model (default: each model's own)")
+    g.add_argument("--batch-size", type=int, dest="batch_size")
+    g.add_argument("--device", help="auto, cpu or cuda")
+    g.add_argument("--precision", help="auto, bf16 or fp32")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step")
+    g.add_argument("--experiment", help="MLflow experiment (default: tessera)")
+
+
+def _overlay(values: dict, args: argparse.Namespace, fields) -> dict:
+    for name in fields:
         v = getattr(args, name, None)
         if v is not None:
             values[name] = v
-    return DataParams(**values)
+    return values
+
+
+def data_params(args: argparse.Namespace) -> DataParams:
+    values = _load_config(args.config)
+    return DataParams(**_overlay(values.get("data", values), args, DataParams.model_fields))
+
+
+def pipeline_params(args: argparse.Namespace, models: list[str] | None = None) -> PipelineParams:
+    values = _load_config(args.config)
+    values["data"] = _overlay(values.get("data", {}), args, DataParams.model_fields)
+    train = _overlay(values.get("train", {}), args, ["preset", "steps", "batch_size", "device", "precision", "compile"])
+    if models is not None:
+        train["models"] = models
+    values["train"] = train
+    if args.experiment:
+        values["experiment"] = args.experiment
+    return PipelineParams(**values)
 
 
 def _one_line(err: ValidationError) -> str:
@@ -68,6 +94,51 @@ def cmd_data(args) -> int:
     from flows.data import data_flow
 
     data_flow(data_params(args))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from flows.pipeline import pipeline
+
+    params = pipeline_params(args, getattr(args, "models", None))
+    result = pipeline(params)
+    write_latest(Path(params.data.root), result)
+    return 0
+
+
+def write_latest(root: Path, result: dict) -> None:
+    """root/latest.json: where the last pipeline run left its index and checkpoints (what `tessera search` reads)."""
+    from tasks.common import write_json
+
+    write_json(root / "latest.json", {
+        "index": (result.get("index") or {}).get("path"),
+        "checkpoints": {m: r["checkpoint"] for m, r in result["train"].items()},
+        "prep": result["data"]["prep"]["path"],
+    })
+
+
+def cmd_train(args) -> int:
+    args.models = [args.model]
+    return cmd_run(args)
+
+
+def cmd_search(args) -> int:
+    import json
+
+    from tasks.index import format_hits, load_index, search_image, search_text
+
+    if not args.text and not args.image:
+        raise ValueError("give a query: tessera search TEXT, or tessera search --image PATH")
+    latest = Path(args.root or "outputs") / "latest.json"
+    index_path = args.index or (json.loads(latest.read_text()).get("index") if latest.is_file() else None)
+    if not index_path:
+        raise FileNotFoundError(f"no CLIP index yet (no {latest}); run `tessera run` first, or pass --index DIR")
+    loaded = load_index(Path(index_path))
+    if args.image:
+        hits = search_image(loaded, Path(args.image), k=args.k)
+    else:
+        hits = search_text(loaded, " ".join(args.text), k=args.k)
+    print(format_hits(hits, loaded.provenance))
     return 0
 
 
@@ -88,7 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_data)
     sp = sub.add_parser("run", help="run the whole pipeline on the built-in dataset (or your data)")
     _add_data_args(sp)
-    sp.set_defaults(func=cmd_data)
+    _add_train_args(sp)
+    sp.add_argument("--models", nargs="+", choices=ALL_MODELS, help="train only these (default: all)")
+    sp.set_defaults(func=cmd_run)
+    sp = sub.add_parser("train", help="train (and evaluate) one model; the data and codebook stages run as needed")
+    sp.add_argument("model", choices=ALL_MODELS)
+    _add_data_args(sp)
+    _add_train_args(sp)
+    sp.set_defaults(func=cmd_train)
+    for name, text in (("eval", "evaluate the trained models (training stages come from the cache)"),
+                       ("index", "build the CLIP index (training stages come from the cache)")):
+        sp = sub.add_parser(name, help=text)
+        _add_data_args(sp)
+        _add_train_args(sp)
+        sp.set_defaults(func=cmd_run, models=["clip"] if name == "index" else None)
+    sp = sub.add_parser("search", help="search the images by text (or by an image) in the CLIP index")
+    sp.add_argument("text", nargs="*", help="the query, e.g. a red circle")
+    sp.add_argument("--image", help="query by an image file instead")
+    sp.add_argument("--k", type=int, default=5, help="number of hits (default 5)")
+    sp.add_argument("--root", help="output root (default: outputs)")
+    sp.add_argument("--index", help="an index folder (default: the last run's, from ROOT/latest.json)")
+    sp.set_defaults(func=cmd_search)
     sp = sub.add_parser("ui", help="how to open the Prefect and MLflow UIs")
     sp.set_defaults(func=cmd_ui)
     return parser
@@ -96,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry: the machines may be offline
+    # the embedded (ephemeral) Prefect API can take longer than its 20 s default to start on a busy 2-core machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

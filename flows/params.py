@@ -44,3 +44,54 @@ class DataParams(BaseModel):
         if v is not None and not Path(v).exists():
             raise ValueError(f"{v} does not exist; pass an existing path")
         return v
+
+
+ALL_MODELS = ["vit", "ast", "clip", "imagegpt", "asr", "t2i", "tts"]
+
+
+class CodebookParams(BaseModel):
+    pixels_k: int = Field(64, ge=2, description="ImageGPT colour palette size")
+    image_k: int = Field(256, ge=2, description="image patch codebook size (text-to-image tokens)")
+    mel_k: int = Field(256, ge=2, description="spectrogram patch codebook size (text-to-speech tokens)")
+    iters: int = Field(25, ge=1)
+    min_usage: float = Field(0.25, ge=0, le=1, description="fail the stage below this fraction of codes used")
+
+
+class TrainParams(BaseModel):
+    models: list[str] = Field(default_factory=lambda: list(ALL_MODELS), description=f"any of {ALL_MODELS}")
+    preset: str = Field("default", description="model sizes: default (CPU minutes) or tiny (tests)")
+    steps: int | None = Field(None, ge=1, description="optimiser steps for every model (default: each model's own)")
+    batch_size: int | None = Field(None, ge=1)
+    device: str = Field("auto", description="auto, cpu or cuda")
+    precision: str = Field("auto", description="auto, bf16 or fp32")
+    compile: bool = Field(False, description="torch.compile the training step")
+    train_overrides: dict[str, dict] = Field(default_factory=dict, description='per model: {"vit": {"lr": 3e-4}}')
+    model_overrides: dict[str, dict] = Field(default_factory=dict, description='per model: {"vit": {"depth": 6}}')
+
+    @field_validator("models")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if m not in ALL_MODELS]
+        if bad:
+            raise ValueError(f"unknown model(s) {bad}; choose from {ALL_MODELS}")
+        return v
+
+
+class EvalParams(BaseModel):
+    max_samples: int | None = Field(500, ge=1, description="cap on test samples per model (None: all)")
+    roundtrips: bool = Field(True, description="text-to-image -> ViT/CLIP and text-to-speech -> ASR")
+
+
+class IndexParams(BaseModel):
+    exact_threshold: int = Field(50_000, ge=1, description="exact search below this many images, HNSW above")
+
+
+class PipelineParams(BaseModel):
+    """Everything `tessera run` does; the Prefect UI shows it as a form, `--config FILE` fills it."""
+
+    data: DataParams = Field(default_factory=DataParams)
+    codebooks: CodebookParams = Field(default_factory=CodebookParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    eval: EvalParams = Field(default_factory=EvalParams)
+    index: IndexParams = Field(default_factory=IndexParams)
+    experiment: str = Field("tessera", description="MLflow experiment")

@@ -4,7 +4,7 @@ Prefect's `INPUTS` policy hashes a `Path` as its string, and its default policy 
 across runs). Here a `Path` input is keyed by its content: a finished task output by the digest in its `_SUCCESS`
 record, any other file or folder by the sha256 of its bytes. Configs are keyed by their fields. An input named
 `root` (the output root) is keyed by an epoch file inside it, so deleting the whole output root invalidates every
-cached record that pointed into it.
+cached record that pointed into it. `parent_run_id` (where a task reports in MLflow) is not part of the key.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from prefect.cache_policies import TASK_SOURCE, CachePolicy
 from tasks.common import digest, file_sha256, read_success, to_jsonable, tree_digest
 
 EPOCH = ".epoch"
+# inputs that say where to report, not what to compute: never part of a cache key
+NOT_KEYED = frozenset({"parent_run_id", "experiment"})
 
 
 def root_epoch(root: Path) -> str:
@@ -64,6 +66,8 @@ class ContentDigest(CachePolicy):
             return None
         parts = {}
         for name, value in sorted((inputs or {}).items()):
+            if name in NOT_KEYED:
+                continue
             if name == "root" and isinstance(value, Path):
                 parts[name] = root_epoch(value)
             else:

@@ -25,11 +25,20 @@ from tasks.synthetic import SyntheticConfig
 STAGE = dict(cache_policy=CONTENT, persist_result=True)
 
 
+def transient_only(task, task_run, state) -> bool:
+    """Retry I/O failures (a flaky disk or network store); bad input (a ValueError) fails at once with its message."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError)
+
+
+IO_RETRY = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)
+
+
 def _record(out: Path, record: dict) -> dict:
     return {"path": str(out), **record}
 
 
-@task(name="builtin-dataset", retries=1, **STAGE)
+@task(name="builtin-dataset", **IO_RETRY, **STAGE)
 def builtin_dataset(cfg: SyntheticConfig, root: Path) -> dict:
     """Generate the built-in synthetic dataset (images, captions, speech) in the layout users bring."""
     out = Path(root) / "builtin" / digest(cfg, code_version(synthetic, speech))
@@ -42,7 +51,7 @@ def builtin_sources(dataset_dir: str | Path) -> Sources:
     return Sources(images=d / "images", audio=d / "audio", captions=d / "captions.csv", transcripts=d / "transcripts.csv")
 
 
-@task(name="ingest", retries=1, **STAGE)
+@task(name="ingest", **IO_RETRY, **STAGE)
 def ingest(sources: Sources, cfg: IngestConfig, root: Path) -> dict:
     """Decode and validate every input once; quarantine what fails; write items.parquet."""
     out = Path(root) / "ingest" / digest(ingest_lib.digest_sources(sources, cfg), cfg, code_version(ingest_lib))
@@ -59,7 +68,7 @@ def ingest(sources: Sources, cfg: IngestConfig, root: Path) -> dict:
     )
 
 
-@task(name="shard", retries=1, **STAGE)
+@task(name="shard", **IO_RETRY, **STAGE)
 def shard(items: Path, cfg: ShardConfig, root: Path) -> dict:
     """Write webdataset shards and the Parquet manifest."""
     out = Path(root) / "shards" / digest(path_digest(Path(items)), cfg, code_version(shard_lib))
@@ -67,7 +76,7 @@ def shard(items: Path, cfg: ShardConfig, root: Path) -> dict:
     return _record(out, record)
 
 
-@task(name="preprocess", retries=1, **STAGE)
+@task(name="preprocess", **IO_RETRY, **STAGE)
 def preprocess(shards: Path, cfg: PrepConfig, root: Path) -> dict:
     """Model-ready spectrogram/image shards, normalisation stats and the patch sample set."""
     out = Path(root) / "prep" / digest(path_digest(Path(shards)), cfg, code_version(prep_lib, features))

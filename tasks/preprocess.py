@@ -96,7 +96,7 @@ def _images(shards: Path, tmp: Path, cfg: PrepConfig, classes, counts, rng) -> d
         urls = shard_urls(shards, "image", split)
         if not urls:
             continue
-        with wds.ShardWriter(str(tmp / "image" / f"{split}-%06d.tar"), maxcount=cfg.maxcount, mtime=0) as sink:
+        with wds.ShardWriter(str(tmp / "image" / f"{split}-%06d.tar"), maxcount=cfg.maxcount, mtime=0, verbose=0) as sink:
             for s in progress(read_samples(urls), total=counts.get(split), desc=f"images/{split}", unit="img"):
                 img = image_array(_payload(s, IMAGE_EXTS), cfg.image_size)  # (3, S, S) uint8
                 sink.write({"__key__": s["__key__"], "img.npy": img, "json": _info(s, classes)})
@@ -158,7 +158,7 @@ def _audio(shards: Path, tmp: Path, cfg: PrepConfig, classes, counts, rng) -> di
         urls = shard_urls(shards, "audio", split)
         if not urls:
             continue
-        with wds.ShardWriter(str(tmp / "audio" / f"{split}-%06d.tar"), maxcount=cfg.maxcount, mtime=0) as sink:
+        with wds.ShardWriter(str(tmp / "audio" / f"{split}-%06d.tar"), maxcount=cfg.maxcount, mtime=0, verbose=0) as sink:
             for samples, mel in _mel_batches(urls, cfg, f"mel/{split}", counts.get(split)):
                 mel = ((mel - mean) / std).astype(np.float16)  # (B, n_mels, n_frames)
                 for s, m in zip(samples, mel):

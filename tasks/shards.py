@@ -107,7 +107,7 @@ def write_shards(items: Path, cfg: ShardConfig, out_dir: Path) -> dict:
                     (tmp / row["modality"]).mkdir(exist_ok=True)
                     pattern = str(tmp / row["modality"] / f"{split}-%06d.tar")
                     # mtime=0: same items -> byte-identical shards
-                    writers[group] = wds.ShardWriter(pattern, maxcount=cfg.maxcount, maxsize=cfg.maxsize, mtime=0)
+                    writers[group] = wds.ShardWriter(pattern, maxcount=cfg.maxcount, maxsize=cfg.maxsize, mtime=0, verbose=0)
                 writer = writers[group]
                 writer.write(_sample(row))
                 shard = str(Path(writer.fname).relative_to(tmp))
