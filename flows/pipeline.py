@@ -62,7 +62,8 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
                 run_id=trained[m]["run_id"], experiment=params.experiment)
         ckpts = {m: Path(r["checkpoint"]) for m, r in trained.items()}
         all_cbs = {k: Path(cb[k]) for k in ("pixels", "image", "mel") if k in cb}
-        trips = stages.roundtrips(ckpts, prep, all_cbs, root, **run) if params.eval.roundtrips else None
+        trip_ckpts = {m: c for m, c in ckpts.items() if m in stages.ROUNDTRIP_MODELS}
+        trips = stages.roundtrips(trip_ckpts, prep, all_cbs, root, **run) if params.eval.roundtrips else None
         index = None
         if "clip" in ckpts:
             index = stages.clip_index(prep, ckpts["clip"], IndexConfig(exact_threshold=params.index.exact_threshold),

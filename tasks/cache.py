@@ -17,7 +17,7 @@ from typing import Any
 
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 
-from tasks.common import digest, file_sha256, read_success, to_jsonable, tree_digest
+from tasks.common import code_version, digest, file_sha256, read_success, to_jsonable, tree_digest
 
 EPOCH = ".epoch"
 # inputs that say where to report, not what to compute: never part of a cache key
@@ -59,7 +59,10 @@ def _key_of(value: Any) -> Any:
 
 @dataclass
 class ContentDigest(CachePolicy):
-    """Cache key = task source + content digests of Path inputs + config fields."""
+    """Cache key = task source + the code it runs (`code`: modules/packages) + content digests of Path inputs +
+    config fields."""
+
+    code: tuple = ()
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
         if not task_ctx:
@@ -73,7 +76,9 @@ class ContentDigest(CachePolicy):
             else:
                 parts[name] = _key_of(value)
         source = TASK_SOURCE.compute_key(task_ctx, inputs, flow_parameters)
-        return digest(task_ctx.task.name, source, parts, n=32)
+        return digest(task_ctx.task.name, source, code_version(*self.code) if self.code else "", parts, n=32)
 
 
-CONTENT = ContentDigest()
+def content(*code) -> ContentDigest:
+    """The project's cache policy for a task whose work is done by the given modules/packages."""
+    return ContentDigest(code=tuple(code))

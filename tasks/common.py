@@ -68,8 +68,15 @@ def tree_digest(path: str | Path) -> str:
 
 
 def code_version(*objs: Any) -> str:
-    """Digest of the source of modules/functions: part of every output key, so changed code re-runs."""
-    return digest(*[inspect.getsource(o) for o in objs], n=12)
+    """Digest of the source of modules, packages (every .py file in them) or functions: part of every output key,
+    so changed code re-runs what it computes."""
+    sources = []
+    for o in objs:
+        if hasattr(o, "__path__"):  # a package: all of its modules
+            sources += [p.read_text() for d in o.__path__ for p in sorted(Path(d).rglob("*.py"))]
+        else:
+            sources.append(inspect.getsource(o))
+    return digest(*sources, n=12)
 
 
 def read_success(path: str | Path) -> dict | None:

@@ -15,14 +15,16 @@ from tasks import ingest as ingest_lib
 from tasks import preprocess as prep_lib
 from tasks import shards as shard_lib
 from tasks import features, speech, synthetic
-from tasks.cache import CONTENT, path_digest
+from tasks.cache import content, path_digest
 from tasks.common import code_version, digest, read_success
 from tasks.ingest import IngestConfig, Sources
 from tasks.preprocess import PrepConfig
 from tasks.shards import ShardConfig
 from tasks.synthetic import SyntheticConfig
 
-STAGE = dict(cache_policy=CONTENT, persist_result=True)
+def stage(*code) -> dict:
+    """Task options of a stage whose work is done by `code` (its cache key covers that code)."""
+    return dict(cache_policy=content(*code), persist_result=True)
 
 
 def transient_only(task, task_run, state) -> bool:
@@ -38,7 +40,7 @@ def _record(out: Path, record: dict) -> dict:
     return {"path": str(out), **record}
 
 
-@task(name="builtin-dataset", **IO_RETRY, **STAGE)
+@task(name="builtin-dataset", **IO_RETRY, **stage(synthetic, speech))
 def builtin_dataset(cfg: SyntheticConfig, root: Path) -> dict:
     """Generate the built-in synthetic dataset (images, captions, speech) in the layout users bring."""
     out = Path(root) / "builtin" / digest(cfg, code_version(synthetic, speech))
@@ -51,7 +53,7 @@ def builtin_sources(dataset_dir: str | Path) -> Sources:
     return Sources(images=d / "images", audio=d / "audio", captions=d / "captions.csv", transcripts=d / "transcripts.csv")
 
 
-@task(name="ingest", **IO_RETRY, **STAGE)
+@task(name="ingest", **IO_RETRY, **stage(ingest_lib))
 def ingest(sources: Sources, cfg: IngestConfig, root: Path) -> dict:
     """Decode and validate every input once; quarantine what fails; write items.parquet."""
     out = Path(root) / "ingest" / digest(ingest_lib.digest_sources(sources, cfg), cfg, code_version(ingest_lib))
@@ -68,7 +70,7 @@ def ingest(sources: Sources, cfg: IngestConfig, root: Path) -> dict:
     )
 
 
-@task(name="shard", **IO_RETRY, **STAGE)
+@task(name="shard", **IO_RETRY, **stage(shard_lib))
 def shard(items: Path, cfg: ShardConfig, root: Path) -> dict:
     """Write webdataset shards and the Parquet manifest."""
     out = Path(root) / "shards" / digest(path_digest(Path(items)), cfg, code_version(shard_lib))
@@ -76,7 +78,7 @@ def shard(items: Path, cfg: ShardConfig, root: Path) -> dict:
     return _record(out, record)
 
 
-@task(name="preprocess", **IO_RETRY, **STAGE)
+@task(name="preprocess", **IO_RETRY, **stage(prep_lib, features))
 def preprocess(shards: Path, cfg: PrepConfig, root: Path) -> dict:
     """Model-ready spectrogram/image shards, normalisation stats and the patch sample set."""
     out = Path(root) / "prep" / digest(path_digest(Path(shards)), cfg, code_version(prep_lib, features))

@@ -213,7 +213,7 @@ def _load_clip(checkpoint: Path, device: torch.device) -> tuple[CLIP, str]:
     if cfg.tower != "image":
         raise ValueError(f"checkpoint {checkpoint} is a CLIP with an {cfg.tower} tower; the index embeds images")
     model = CLIP(cfg).to(device)
-    model.load_state_dict(ckpt["model"])
+    model.load_state_dict(ckpt["state_dict"])  # the trainer's checkpoint format (tasks/train.py)
     return model.eval(), sha256_bytes(data)
 
 

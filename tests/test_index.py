@@ -41,7 +41,7 @@ LABELS = ["circle", "square"]
 def save_checkpoint(path, seed: int = 0):
     torch.manual_seed(seed)
     model = CLIP(TINY)
-    torch.save({"config": dataclasses.asdict(TINY), "model": model.state_dict(), "step": 0}, path)
+    torch.save({"model": "clip", "config": dataclasses.asdict(TINY), "state_dict": model.state_dict(), "step": 0}, path)
     return path
 
 

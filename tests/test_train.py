@@ -1,0 +1,390 @@
+"""The trainer, its loader, registry and MLflow tracking, on a tiny learnable prep folder built in tmp.
+
+The prep folder has the layout tasks/preprocess.py writes (image/ and audio/ shards, stats.json), 16x16 images and
+16x32 spectrograms whose class is visible (bright top vs bottom half; low vs high bands), so a 1-layer model learns
+in a few dozen steps. Kill/resume and SIGTERM run the trainer in a subprocess slowed down by a patched get_lr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from mlflow import MlflowClient
+
+from models.vq import Codebook
+from tasks import registry, tracking
+from tasks.loader import CorruptShardError, batches, shard_urls
+from tasks.registry import MODELS, BatchContext, DataInfo, configure
+from tasks.train import CKPT, CheckpointError, TrainConfig, get_lr, load_checkpoint, train
+
+REPO = Path(__file__).resolve().parents[1]
+SIZE, N_MELS, N_FRAMES = 16, 16, 32
+TINY_TRAIN = TrainConfig(max_steps=12, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=4,
+                         ckpt_every=4, log_every=3, precision="fp32", shuffle_buffer=64)
+
+
+# ------------------------------------------------------------------------------------------------ tiny prep folder
+def _image(label: int, rng) -> np.ndarray:
+    img = rng.integers(0, 60, (3, SIZE, SIZE))
+    img[:, : SIZE // 2] += 150 * (label == 0)  # class 0: bright top half
+    img[:, SIZE // 2 :] += 150 * (label == 1)  # class 1: bright bottom half
+    return img.astype(np.uint8)
+
+
+def _mel(label: int, rng) -> np.ndarray:
+    mel = rng.standard_normal((N_MELS, N_FRAMES)) * 0.5
+    mel[(slice(0, N_MELS // 2) if label == 0 else slice(N_MELS // 2, None))] += 1.5
+    return mel.astype(np.float16)
+
+
+def _write(path: Path, samples: list[dict]) -> None:
+    with wds.TarWriter(str(path), mtime=0) as sink:
+        for s in samples:
+            sink.write(s)
+
+
+def make_prep(root: Path, n_train: int = 64, n_val: int = 16) -> Path:
+    """A prep folder: image/{train,val}-000000.tar, audio/{train,val}-00000{0,1}.tar, stats.json."""
+    rng = np.random.default_rng(0)
+    words = ("up", "down")
+    for modality in ("image", "audio"):
+        (root / modality).mkdir(parents=True)
+        for split, n in (("train", n_train), ("val", n_val)):
+            samples = []
+            for i in range(n):
+                label = i % 2
+                info = {"key": f"{modality}-{split}-{i}", "label": words[label], "label_id": label,
+                        "text": f"a thing that is {words[label]}", "meta": {}}
+                data = {"img.npy": _image(label, rng)} if modality == "image" else {"mel.npy": _mel(label, rng)}
+                samples.append({"__key__": info["key"], **data, "json": json.dumps(info).encode()})
+            if modality == "audio" and split == "train":  # two shards: shard shuffling and skipping across them
+                _write(root / modality / f"{split}-000000.tar", samples[: n // 2])
+                _write(root / modality / f"{split}-000001.tar", samples[n // 2 :])
+            else:
+                _write(root / modality / f"{split}-000000.tar", samples)
+    stats = {
+        "counts": {m: {"train": n_train, "val": n_val} for m in ("image", "audio")},
+        "image": {"classes": list(words), "mean": [0.3, 0.3, 0.3], "std": [0.3, 0.3, 0.3], "size": SIZE},
+        "audio": {"classes": list(words), "mean": 0.0, "std": 1.0, "mel": {"n_mels": N_MELS, "n_frames": N_FRAMES}},
+    }
+    (root / "stats.json").write_text(json.dumps(stats))
+    return root
+
+
+def make_codebooks(root: Path) -> dict[str, str]:
+    """Random codebooks in the format the codebook stage saves: {"config", "state_dict"}."""
+    g = torch.Generator().manual_seed(0)
+    paths = {}
+    for kind, k, dim, patch, scale in (("pixels", 8, 3, 1, 255.0), ("image", 8, 4 * 4 * 3, 4, 255.0),
+                                       ("mel", 8, 16 * 16, 16, 1.0)):
+        cb = Codebook.from_codes(torch.rand(k, dim, generator=g) * scale)
+        paths[kind] = str(root / f"{kind}.pt")
+        torch.save({"config": {"k": k, "dim": dim, "patch": patch}, "state_dict": cb.state_dict()}, paths[kind])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory) -> str:
+    """One SQLite store for this module (creating one costs seconds); tests keep apart by experiment name."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+@pytest.fixture(autouse=True)
+def _shared_mlflow(mlflow_db, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_db)
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory) -> Path:
+    return make_prep(tmp_path_factory.mktemp("prep"))
+
+
+@pytest.fixture(scope="module")
+def codebooks(tmp_path_factory) -> dict[str, str]:
+    return make_codebooks(tmp_path_factory.mktemp("codebooks"))
+
+
+def _client() -> MlflowClient:
+    return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+
+
+def _runs(experiment: str):
+    c = _client()
+    exp = c.get_experiment_by_name(experiment)
+    return [] if exp is None else c.search_runs([exp.experiment_id])
+
+
+def _losses(run_id: str) -> dict[int, float]:
+    history = _client().get_metric_history(run_id, "train/loss")
+    steps = [m.step for m in history]
+    assert len(steps) == len(set(steps)), f"a step was logged twice: {sorted(steps)}"
+    return {m.step: m.value for m in history}
+
+
+# ------------------------------------------------------------------------------------------------ schedule, loader
+def test_get_lr_warmup_peak_cosine_end():
+    cfg = TrainConfig(max_steps=100, lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    assert get_lr(0, cfg) == pytest.approx(1e-4)  # 1/10 of the peak
+    assert get_lr(9, cfg) == pytest.approx(1e-3)  # warmup ends at the peak
+    assert get_lr(10, cfg) == pytest.approx(1e-3)
+    assert get_lr(55, cfg) == pytest.approx(5.5e-4)  # half-way down the cosine: (lr + min_lr) / 2
+    assert get_lr(100, cfg) == pytest.approx(1e-4) and get_lr(1000, cfg) == pytest.approx(1e-4)
+    lrs = [get_lr(s, cfg) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_loader_order_is_a_function_of_seed_and_epoch(prep):
+    urls = shard_urls(prep, "audio", "train")
+    keys = lambda **kw: [[s["__key__"] for s in b] for b in batches(urls, 8, shuffle_buffer=32, **kw)]  # noqa: E731
+    first = keys(seed=1, epoch=0)
+    assert len(first) == 8 and all(len(b) == 8 for b in first)
+    assert keys(seed=1, epoch=0) == first
+    assert keys(seed=1, epoch=0, start_batch=3) == first[3:]
+    assert keys(seed=1, epoch=1) != first and keys(seed=2, epoch=0) != first
+    assert sorted(sum(keys(seed=1, epoch=1), [])) == sorted(sum(first, []))  # a permutation of the same samples
+    val = list(batches(shard_urls(prep, "audio", "val"), 6, train=False))
+    assert [len(b) for b in val] == [6, 6, 4]  # eval keeps the last partial batch, in file order
+    assert val[0][0]["mel"].shape == (N_MELS, N_FRAMES) and val[0][0]["info"]["label_id"] == 0
+
+
+def test_corrupt_shard_names_the_shard(prep, tmp_path):
+    bad = tmp_path / "image"
+    bad.mkdir()
+    good = (prep / "image" / "train-000000.tar").read_bytes()
+    (bad / "train-000000.tar").write_bytes(good[:4096])  # cut at a member boundary: tarfile alone would not notice
+    with pytest.raises(CorruptShardError, match=r"train-000000\.tar is truncated.*end-of-archive.*`tessera data`"):
+        shard_urls(tmp_path, "image", "train")
+    (bad / "train-000000.tar").write_bytes(good[:1536] + b"\xff" * 64 + good[1600:])  # the 2nd member's header
+    with pytest.raises(CorruptShardError, match=r"train-000000\.tar is truncated or damaged: the member header"):
+        shard_urls(tmp_path, "image", "train")
+    (bad / "train-000000.tar").write_bytes(good[:600] + b"\xff" * 64 + good[664:])  # inside the 1st npy
+    with pytest.raises(CorruptShardError, match=r"train-000000\.tar does not decode.*re-run `tessera data`"):
+        for _ in batches(shard_urls(tmp_path, "image", "train"), 4, train=False):
+            pass
+    with pytest.raises(FileNotFoundError, match="tessera data"):
+        shard_urls(tmp_path, "audio", "train")
+
+
+# ------------------------------------------------------------------------------------------------ registry
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_gets_its_batch_and_a_finite_loss(name, prep, codebooks):
+    spec = MODELS[name]
+    data = DataInfo.load(prep, codebooks)
+    cfg = configure(name, data, "tiny")
+    samples = next(iter(batches(shard_urls(prep, spec.modality, "train"), 4, train=False)))
+    batch = spec.make_batch(samples, BatchContext(data, cfg))
+    torch.manual_seed(0)
+    model = spec.build(cfg)
+    output, loss = model(batch)
+    assert torch.isfinite(loss)
+    if spec.accuracy is not None:
+        correct, count = spec.accuracy(output, batch)
+        assert 0 <= int(correct) <= count
+    if name == "imagegpt":
+        assert batch["tokens"].shape == (4, 8 * 8) and int(batch["tokens"].max()) < 8
+    if name in ("t2i", "tts"):
+        assert int(batch["tgt"].max()) < 8 and batch["tgt"].shape[1] == cfg.tgt_len
+
+
+def test_missing_codebook_is_a_clear_error(prep):
+    with pytest.raises(ValueError, match="needs the 'pixels' codebook"):
+        configure("imagegpt", DataInfo.load(prep), "tiny")
+
+
+# ------------------------------------------------------------------------------------------------ training
+@pytest.mark.parametrize("name", ["vit", "ast"])
+def test_training_lowers_the_loss_and_records_one_run(name, prep, tmp_path, monkeypatch):
+    cfg = replace(TINY_TRAIN, max_steps=30, eval_every=10, ckpt_every=10, log_every=5)
+    metric_calls = []
+    log_batch = MlflowClient.log_batch
+
+    def counting_log_batch(self, run_id, metrics=(), **kwargs):
+        metric_calls.extend([len(metrics)] if metrics else [])
+        return log_batch(self, run_id, metrics=metrics, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", counting_log_batch)
+    record = train(name, prep, tmp_path / "out", cfg, preset="tiny", experiment=f"learn-{name}")
+    assert len(metric_calls) <= 30 // 5 + 3 and sum(metric_calls) >= 30 * 3  # batched: a few calls, many values
+    losses = _losses(record["run_id"])
+    assert sorted(losses) == list(range(30))
+    first, last = np.mean([losses[s] for s in range(5)]), np.mean([losses[s] for s in range(25, 30)])
+    assert last < 0.7 * first, (first, last)
+    assert record["metrics"]["val/accuracy"] > 0.75 and record["steps"] == 30
+    (run,) = _runs(f"learn-{name}")
+    assert run.info.status == "FINISHED" and run.info.run_id == record["run_id"]
+    assert run.data.params["train.lr"] == str(cfg.lr) and run.data.params["config.dim"] == "32"
+    assert run.data.params["dtype"] == "float32"
+    for key in ("train/lr", "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s", "perf/mfu", "val/loss"):
+        assert key in run.data.metrics, key
+    assert sorted(m.step for m in _client().get_metric_history(run.info.run_id, "val/loss")) == [9, 19, 29]
+    ckpt = load_checkpoint(tmp_path / "out" / CKPT)
+    assert ckpt["step"] == 30 and ckpt["run_id"] == record["run_id"] and ckpt["model"] == name
+    # finished: a second call returns the record without training or a new run
+    assert train(name, prep, tmp_path / "out", cfg, preset="tiny", experiment=f"learn-{name}") == record
+    assert len(_runs(f"learn-{name}")) == 1
+
+
+def test_tracking_uri_defaults_to_sqlite_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+
+
+def test_nested_run_registered_model_and_rebuild_from_checkpoint(prep, tmp_path):
+    c = _client()
+    parent = c.create_run(tracking.experiment_id(c, "r"), run_name="flow").info.run_id
+    cfg = replace(TINY_TRAIN, max_steps=2)
+    record = train("vit", prep, tmp_path / "out", cfg, preset="tiny", experiment="r", register=True,
+                   parent_run_id=parent)
+    assert c.get_run(record["run_id"]).data.tags["mlflow.parentRunId"] == parent
+    assert record["registered"]["registered_name"] == "tessera-vit" and str(record["registered"]["version"]) == "1"
+    assert _client().get_registered_model("tessera-vit").name == "tessera-vit"
+    model, ckpt = registry.build_from_checkpoint(record["checkpoint"])
+    assert ckpt["config"]["dim"] == 32 and not model.training
+
+
+CHILD = """
+import json, sys, time
+import tasks.train as T
+args = json.loads(sys.argv[1])
+get_lr = T.get_lr
+def slow_get_lr(step, cfg):  # called once per step: makes the run slow enough to interrupt mid-way
+    time.sleep(args["sleep"])
+    return get_lr(step, cfg)
+T.get_lr = slow_get_lr
+cfg = T.TrainConfig(**args["cfg"])
+T.train(args["model"], args["prep"], args["out"], cfg, preset="tiny", experiment=args["experiment"])
+"""
+
+
+def _child(prep: Path, out: Path, experiment: str, sleep: float, cwd: Path) -> subprocess.Popen:
+    from dataclasses import asdict
+
+    args = {"model": "ast", "prep": str(prep), "out": str(out), "experiment": experiment, "sleep": sleep,
+            "cfg": asdict(TINY_TRAIN)}
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(cond, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"the training subprocess ended early:\n{proc.stdout.read()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the training subprocess")
+        time.sleep(0.05)
+
+
+def _logged_through(out: Path) -> int:
+    """The last train/loss step the run in `out` has sent to MLflow (-1 before any)."""
+    state = out / "train.json"
+    if not state.is_file():
+        return -1
+    run_id = json.loads(state.read_text())["run_id"]
+    return max((m.step for m in _client().get_metric_history(run_id, "train/loss")), default=-1)
+
+
+def test_kill_and_resume_continues_the_same_run_with_the_same_losses(prep, tmp_path, monkeypatch):
+    out = tmp_path / "killed"
+    proc = _child(prep, out, "kill", sleep=0.25, cwd=tmp_path)
+    # kill after the first checkpoint (step 4) and after a metric flush past it (steps 3..5 sent at step 6)
+    _wait_for(lambda: (out / CKPT).exists() and _logged_through(out) >= 5, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL and not (out / "_SUCCESS").exists()
+    (run,) = _runs("kill")
+    assert run.info.status == "RUNNING"  # SIGKILL cannot be caught: resuming is what ends it
+
+    loads = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    record = train("ast", prep, out, TINY_TRAIN, preset="tiny", experiment="kill")
+    assert loads and all(w is True for w in loads)
+    (run,) = _runs("kill")
+    assert run.info.run_id == record["run_id"] and run.info.status == "FINISHED"
+    resumed = _losses(record["run_id"])
+    assert sorted(resumed) == list(range(TINY_TRAIN.max_steps))
+
+    reference = train("ast", prep, tmp_path / "reference", TINY_TRAIN, preset="tiny", experiment="reference")
+    expected = _losses(reference["run_id"])
+    assert [resumed[s] for s in range(12)] == [expected[s] for s in range(12)]
+    assert record["final_val_loss"] == reference["final_val_loss"]
+
+
+def test_sigterm_ends_the_run_killed(prep, tmp_path):
+    out = tmp_path / "term"
+    proc = _child(prep, out, "term", sleep=0.25, cwd=tmp_path)
+    _wait_for(lambda: _logged_through(out) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    (run,) = _runs("term")
+    assert run.info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_log_one_run(prep, tmp_path):
+    """torchrun, 2 ranks on gloo: each rank reads its own audio shard; rank 0 alone logs and checkpoints."""
+    script = tmp_path / "ddp_child.py"
+    script.write_text(
+        "import json, sys\nimport tasks.train as T\nargs = json.loads(sys.argv[1])\n"
+        "T.train('ast', args['prep'], args['out'], T.TrainConfig(**args['cfg']), preset='tiny', experiment='ddp')\n"
+    )
+    from dataclasses import asdict
+
+    args = {"prep": str(prep), "out": str(tmp_path / "out"), "cfg": asdict(TINY_TRAIN)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), json.dumps(args)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run,) = _runs("ddp")
+    assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
+    assert sorted(_losses(run.info.run_id)) == list(range(TINY_TRAIN.max_steps))
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(prep, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / CKPT).write_bytes(b"PK\x03\x04 not really a checkpoint")
+    with pytest.raises(CheckpointError, match=r"ckpt\.pt cannot be read.*delete"):
+        train("vit", prep, out, TINY_TRAIN, preset="tiny", experiment="corrupt")
+    # an object outside the weights-only allowlist is refused, not unpickled
+    torch.save({"step": 1, "bad": Path("x")}, out / CKPT)
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(out / CKPT)
+    # the state file says a checkpoint was written, but it is gone
+    (out / CKPT).unlink()
+    (out / "train.json").write_text(json.dumps({"run_id": None, "checkpoint_step": 4}))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train("vit", prep, out, TINY_TRAIN, preset="tiny", experiment="corrupt")
+    assert _runs("corrupt") == []  # nothing was started in MLflow
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="min_lr"):
+        TrainConfig(lr=1e-4, min_lr=1e-3)
+    with pytest.raises(ValueError, match="unknown model"):
+        registry.spec("resnet")
