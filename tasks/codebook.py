@@ -88,7 +88,7 @@ def fit_codebooks(prep_dir: Path, cfg: CodebookConfig, out_dir: Path) -> dict:
             x = torch.from_numpy(np.load(src).astype(np.float32))  # (N, D)
             k = getattr(cfg, f"{kind}_k")
             if len(x) < k:
-                raise ValueError(f"{kind}: only {len(x)} sample vectors for k={k} codes; lower --{kind}-k or add data")
+                raise ValueError(f"{kind}: only {len(x)} sample vectors for k={k} codes; lower codebooks.{kind}_k (a --config field) or add data")
             codebook, stats = fit_kmeans(x, k, iters=cfg.iters, batch_size=cfg.batch_size, seed=cfg.seed)
             counts = torch.bincount(codebook.encode(x), minlength=k).numpy()
             title = f"{kind}: k={k}, usage {stats['usage']:.0%}, perplexity {stats['perplexity']:.1f}"

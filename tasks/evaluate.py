@@ -234,12 +234,14 @@ class Run:
         """Decoded samples of the split in file order, in batches, at most min(limit, max_samples) in all."""
         caps = [c for c in (limit, self.max_samples) if c is not None]
         left = min(caps) if caps else math.inf
+        if left < 1:
+            raise ValueError(f"max_samples={self.max_samples} leaves nothing to evaluate; use None or >= 1")
         urls = loader.shard_urls(self.ctx.data.prep_dir, spec(self.name).modality, self.split)
         for batch in loader.batches(urls, BATCH_SIZE, train=False, split_nodes=False):
-            if left <= 0:
-                return
             yield batch[: int(min(left, len(batch)))]
             left -= len(batch)
+            if left <= 0:
+                return
 
     def first(self, n: int | None = None) -> list[dict]:
         return [s for b in self.samples(n) for s in b]

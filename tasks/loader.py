@@ -117,8 +117,8 @@ def decode(sample: dict) -> dict:
         out["info"] = json.loads(sample["json"])
     except (ValueError, KeyError, OSError) as exn:
         raise CorruptShardError(
-            f"sample {sample['__key__']} in shard {out['__url__']} does not decode ({type(exn).__name__}: {str(exn)[:200]}); "
-            "re-run `tessera data`"
+            f"sample {sample['__key__']} in shard {out['__url__']} does not decode "
+            f"({type(exn).__name__}: {str(exn)[:200]}); re-run `tessera data`"
         ) from exn
     return out
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +28,7 @@ from models.imagegpt import ImageGPT, ImageGPTConfig
 from models.seq2seq import Seq2Seq, Seq2SeqConfig, audio_to_text_config, text_to_image_config, text_to_speech_config
 from models.tokenizer import PAD_ID, ByteTokenizer
 from models.vit import ViT, ViTConfig
-from models.vq import Codebook, image_to_tokens, patchify, spec_to_tokens
+from models.vq import Codebook, image_to_tokens, spec_to_tokens
 
 TOKENIZER = ByteTokenizer()
 CODEBOOKS = ("pixels", "image", "mel")  # colour palette, image-patch codebook, spectrogram-patch codebook
@@ -183,7 +183,8 @@ def asr_batch(samples, ctx):
 
 def t2i_batch(samples, ctx):
     codes = ctx.data.codebook("image", "t2i")
-    return {"src": texts(samples, ctx.cfg.src_len), "tgt": image_to_tokens(codes.codebook, pixels(samples), codes.patch)}
+    tgt = image_to_tokens(codes.codebook, pixels(samples), codes.patch)  # (B, (S/P)^2) in raster order
+    return {"src": texts(samples, ctx.cfg.src_len), "tgt": tgt}
 
 
 def tts_batch(samples, ctx):
@@ -290,7 +291,8 @@ MODELS: dict[str, ModelSpec] = {
     ),
     "ast": ModelSpec(
         "audio", AST, ASTConfig, _ast, ast_batch,
-        tokens=lambda c: 1 + _patches(c.n_mels, c.patch_size, c.fstride) * _patches(c.n_frames, c.patch_size, c.tstride),
+        tokens=lambda c: 1 + _patches(c.n_mels, c.patch_size, c.fstride) * _patches(c.n_frames, c.patch_size,
+                                                                                    c.tstride),
         inputs=("mel",),
         default=SMALL_VIT, tiny=dict(TINY_VIT, patch_size=16),
         train=dict(max_steps=400, batch_size=32, lr=5e-4, min_lr=5e-5, warmup_steps=40, weight_decay=0.05),
@@ -309,7 +311,7 @@ MODELS: dict[str, ModelSpec] = {
         tokens=lambda c: (c.n_frames + 1) // 2 + c.tgt_len,
         inputs=("src", "tgt"),
         default=dict(SMALL_S2S, tgt_len=24), tiny=dict(TINY_S2S, tgt_len=16),
-        train=dict(max_steps=400, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=40, weight_decay=0.05),
+        train=dict(max_steps=250, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=25, weight_decay=0.05),
         accuracy=token_accuracy,
     ),
     "t2i": ModelSpec(
@@ -317,7 +319,7 @@ MODELS: dict[str, ModelSpec] = {
         tokens=lambda c: c.src_len + c.tgt_len,
         inputs=("src", "tgt"),
         default=dict(SMALL_S2S, src_len=64), tiny=dict(TINY_S2S, src_len=32),
-        train=dict(max_steps=400, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=40, weight_decay=0.05),
+        train=dict(max_steps=300, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=30, weight_decay=0.05),
         codebook="image",
     ),
     "tts": ModelSpec(
@@ -336,7 +338,7 @@ MODELS: dict[str, ModelSpec] = {
                      text_depth=2, text_heads=4, context_len=64),
         tiny=dict(embed_dim=16, vision_dim=32, vision_depth=1, vision_heads=2, text_dim=32, text_depth=1,
                   text_heads=2, context_len=32),
-        train=dict(max_steps=600, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=50, weight_decay=0.1),
+        train=dict(max_steps=400, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=40, weight_decay=0.1),
         accuracy=retrieval_accuracy,
     ),
 }
@@ -360,10 +362,6 @@ def configure(name: str, data: DataInfo, preset: str = "default", overrides: dic
         return s.config(data, **sizes)
     except TypeError as exc:  # an unknown field name
         raise ValueError(f"bad {name} config overrides {overrides}: {exc}") from None
-
-
-def config_dict(cfg) -> dict:
-    return asdict(cfg)
 
 
 def build_from_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -177,9 +177,10 @@ def start_run(
     try:
         yield handle
     except BaseException as exc:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(Exception):  # the original error matters more than a failed bookkeeping call
             handle.metrics.flush()
-        c.set_terminated(handle.run_id, end_status(exc))
+        with contextlib.suppress(Exception):
+            c.set_terminated(handle.run_id, end_status(exc))
         raise
     handle.metrics.flush()
     c.set_terminated(handle.run_id, end_status(None))
@@ -223,10 +224,15 @@ def log_model(model: nn.Module, name: str, registered_name: str | None, run_id: 
     with torch.no_grad():
         output = wrapped(*tensors)
     signature = infer_signature({k: t.numpy() for k, t in zip(keys, tensors)}, output.float().numpy())
+    c = client()
+    # the LoggedModel belongs in the run's experiment (log_model alone puts it in the fluent active experiment,
+    # "Default", with its artifacts under the working directory)
+    logged = c.create_logged_model(c.get_run(run_id).info.experiment_id, name=name, source_run_id=run_id)
     with _tracking_env():
         info = mlflow.pytorch.log_model(
             wrapped,
             name=name,
+            model_id=logged.model_id,
             registered_model_name=registered_name,
             run_id=run_id,
             input_example=tuple(t.numpy() for t in tensors),

@@ -3,9 +3,12 @@
     train(model, prep_dir, out_dir, TrainConfig(...)) -> {"checkpoint", "run_id", "steps", "final_val_loss", "metrics"}
 
 setup (device, precision, DDP) -> data (shards -> make_batch) -> model + AdamW -> resume -> MLflow run -> loop:
-    lr = get_lr(step); grad_accum micro-batches (bf16 autocast, DDP no_sync but the last); clip; step;
+    lr = get_lr(step); grad_accum micro-batches (bf16 autocast where it pays, DDP no_sync but the last); clip; step;
     metrics buffered, sent every log_every steps; eval on the val split every eval_every steps; checkpoint every
     ckpt_every steps and at the end.
+
+A run that dies ends its MLflow run FAILED, or KILLED on Ctrl-C or SIGTERM (a handler turns SIGTERM into an
+exception while training runs in the main thread); it is never left RUNNING, except by SIGKILL, which resuming ends.
 
 Resume: `out_dir/ckpt.pt` (written atomically) holds the weights, the optimiser, the step, the data position
 (epoch, batch) and every RNG state; `out_dir/train.json` holds the MLflow run id from the moment the run exists.
@@ -21,15 +24,16 @@ evaluates (all of the val split), logs and writes checkpoints.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import random
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -125,8 +129,8 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
 
     Square products of growing size (256 .. 4096), each timed over enough repeats to last ~0.05 s; sizes stop
     growing before one product would take over 0.25 s (a CPU without bf16 instructions emulates bf16 at ~1 GFLOP/s,
-    where a 4096^3 product takes minutes). Inputs are constants, not random: measuring must not move the RNG streams a resumed
-    run reproduces.
+    where a 4096^3 product takes minutes). Inputs are constants, not random: measuring must not move the RNG
+    streams a resumed run reproduces. On a CPU shared with other processes the figure, and so MFU, is approximate.
     """
     key = (str(device), dtype, torch.get_num_threads())
     if key not in _PEAK_FLOPS:
@@ -326,8 +330,6 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 def _read_state(out_dir: Path) -> dict:
-    import json
-
     path = out_dir / STATE
     return json.loads(path.read_text()) if path.is_file() else {}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -15,10 +16,16 @@ from flows.params import DataParams
 from tasks.common import read_success
 
 
-def _task_states(flow_run_id) -> dict[str, str]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+def _task_states(flow_run_id, wait_s: float = 60) -> dict[str, str]:
+    """Stage name -> final state name (Prefect 3 reports task-run states in the background: poll until final)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        states = {r.name.rsplit("-", 1)[0]: r.state_name for r in runs}
+        if not {"Pending", "Running"} & set(states.values()) or time.monotonic() > deadline:
+            return states
+        time.sleep(1)
 
 
 @pytest.mark.usefixtures("prefect_harness")

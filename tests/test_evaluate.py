@@ -1,5 +1,6 @@
 """Evaluation: hand-checked metric functions, Griffin-Lim on a tone, and every model's evaluate + the round trips on a
-tiny built-in dataset (48 images, 24 clips) with untrained tiny checkpoints in the trainer's format."""
+tiny built-in dataset (48 images, 24 clips; generate -> ingest -> shards -> preprocess) with untrained tiny
+checkpoints in the trainer's format."""
 
 from __future__ import annotations
 
@@ -18,13 +19,12 @@ from models.vq import fit_kmeans
 from tasks import evaluate as ev
 from tasks.audio_out import mel_config, mel_to_wave, wave_to_model_mel
 from tasks.codebook import save_codebook
-from tasks.common import sha256_bytes
 from tasks.features import MelConfig, log_mel
+from tasks.ingest import IngestConfig, Sources, ingest
 from tasks.preprocess import PrepConfig, preprocess
 from tasks.registry import MODELS, DataInfo, configure
 from tasks.shards import ShardConfig, write_shards
 from tasks.synthetic import SyntheticConfig, generate
-from tests.helpers import write_items
 
 MEL = MelConfig(n_mels=32, n_frames=64)
 CODEBOOK_K = {"pixels": 16, "image": 32, "mel": 16}
@@ -32,33 +32,15 @@ PATCH = {"pixels": 1, "image": 4, "mel": 16}
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
-def _items(dataset) -> list[dict]:
-    """Rows in ingest's items.parquet schema from the built-in dataset's CSVs (text, label and meta as ingest keeps
-    them; the held-out pairs carry split="test")."""
-    rows = []
-    for table, modality, col, text, label, meta_cols in (
-        ("captions", "image", "image", "caption", "shape", ("shape", "colour", "size", "position", "background")),
-        ("transcripts", "audio", "audio", "transcript", "word", ("word", "colour", "voice")),
-    ):
-        with open(dataset[table], newline="") as f:
-            for r in csv.DictReader(f):
-                payload = (Path(dataset["path"]) / r[col]).read_bytes()
-                ext = r[col].rsplit(".", 1)[1]
-                rows.append(dict(key=r[col].rsplit("/", 1)[1].rsplit(".", 1)[0], modality=modality, label=r[label],
-                                 text=r[text], source=r[col], payload=payload, payload_ext=ext,
-                                 sha256=sha256_bytes(payload), nbytes=len(payload), width=None, height=None,
-                                 duration_s=None, split=r["split"] or None,
-                                 meta=json.dumps({k: r[k] for k in meta_cols})))
-    return sorted(rows, key=lambda r: r["key"])
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """prep dir, codebook paths and a tiny untrained checkpoint per model."""
     tmp = tmp_path_factory.mktemp("eval")
-    dataset = generate(SyntheticConfig(n_images=48, n_audio=24, image_size=16), tmp / "builtin")
-    write_items(tmp / "items.parquet", _items(dataset))
-    write_shards(tmp / "items.parquet", ShardConfig(maxcount=16, val_fraction=0.1, test_fraction=0.3), tmp / "shards")
+    d = Path(generate(SyntheticConfig(n_images=48, n_audio=24, image_size=16), tmp / "builtin")["path"])
+    sources = Sources(images=d / "images", audio=d / "audio", captions=d / "captions.csv",
+                      transcripts=d / "transcripts.csv")
+    items = ingest(sources, IngestConfig(), tmp / "ingest").items_path
+    write_shards(items, ShardConfig(maxcount=16, val_fraction=0.1, test_fraction=0.3), tmp / "shards")
     prep = tmp / "prep"
     preprocess(tmp / "shards", PrepConfig(image_size=16, mel=MEL, batch_size=16, mel_patch=16, n_pixels=2000,
                                           n_patches=400), prep)
@@ -202,11 +184,11 @@ def test_evaluate_generative(world, name):
 
 def test_evaluate_asr(world):
     out = world["tmp"] / "out-asr"
-    res = ev.evaluate("asr", world["ckpts"]["asr"], world["prep"], out, max_samples=10)
+    res = ev.evaluate("asr", world["ckpts"]["asr"], world["prep"], out, max_samples=4)
     check_common(res, out)
-    assert res["metrics"]["cer"] >= 0 and res["metrics"]["wer"] >= 0 and res["metrics"]["n"] == 10
+    assert res["metrics"]["cer"] >= 0 and res["metrics"]["wer"] >= 0 and res["metrics"]["n"] == 4  # capped
     table = (out / "examples.md").read_text().splitlines()
-    assert table[0] == "| reference | hypothesis |" and len(table) == 2 + 10
+    assert table[0] == "| reference | hypothesis |" and len(table) == 2 + 4
 
 
 def test_evaluate_clip(world):
@@ -251,9 +233,9 @@ def test_roundtrip_t2i(world):
 def test_roundtrip_tts(world):
     out = world["tmp"] / "rt-tts"
     c = world["ckpts"]
-    res = ev.roundtrip_tts(c["tts"], c["asr"], world["prep"], world["codebooks"], out, max_samples=6)
+    res = ev.roundtrip_tts(c["tts"], c["asr"], world["prep"], world["codebooks"], out, max_samples=4)
     check_common(res, out)
     m = res["metrics"]
-    assert m["cer"] >= 0 and m["direct_cer"] >= 0 and m["n"] == 6
-    assert len([a for a in res["artifacts"] if a.endswith(".wav")]) == 6
+    assert m["cer"] >= 0 and m["direct_cer"] >= 0 and m["n"] == 4
+    assert len([a for a in res["artifacts"] if a.endswith(".wav")]) == 4
     assert mel_config(json.loads((world["prep"] / "stats.json").read_text())) == MEL

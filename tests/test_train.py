@@ -248,6 +248,10 @@ def test_nested_run_registered_model_and_rebuild_from_checkpoint(prep, tmp_path)
     record = train("vit", prep, tmp_path / "out", cfg, preset="tiny", experiment="r", register=True,
                    parent_run_id=parent)
     assert c.get_run(record["run_id"]).data.tags["mlflow.parentRunId"] == parent
+    model_id = record["registered"]["model_uri"].removeprefix("models:/")
+    logged = c.get_logged_model(model_id)
+    assert logged.experiment_id == c.get_experiment_by_name("r").experiment_id and logged.status == "READY"
+    assert Path(tracking.artifact_root()) in Path(logged.artifact_location.removeprefix("file://")).parents
     assert record["registered"]["registered_name"] == "tessera-vit" and str(record["registered"]["version"]) == "1"
     assert _client().get_registered_model("tessera-vit").name == "tessera-vit"
     model, ckpt = registry.build_from_checkpoint(record["checkpoint"])
@@ -300,7 +304,7 @@ def _logged_through(out: Path) -> int:
 
 def test_kill_and_resume_continues_the_same_run_with_the_same_losses(prep, tmp_path, monkeypatch):
     out = tmp_path / "killed"
-    proc = _child(prep, out, "kill", sleep=0.25, cwd=tmp_path)
+    proc = _child(prep, out, "kill", sleep=0.4, cwd=tmp_path)
     # kill after the first checkpoint (step 4) and after a metric flush past it (steps 3..5 sent at step 6)
     _wait_for(lambda: (out / CKPT).exists() and _logged_through(out) >= 5, proc)
     proc.send_signal(signal.SIGKILL)
