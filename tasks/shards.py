@@ -72,8 +72,9 @@ def assign_split(key: str, cfg: ShardConfig) -> str:
 
 
 def manifest_digest(table: pa.Table) -> str:
-    """Digest of the manifest's rows (not of the Parquet bytes, which depend on the writer version)."""
-    rows = table.sort_by("key").to_pylist()
+    """Digest of the manifest's content: its rows without `source` (where a file was read from is not what it is),
+    not the Parquet bytes (they depend on the writer version)."""
+    rows = table.drop_columns(["source"]).sort_by("key").to_pylist()
     return digest(rows, n=32)
 
 

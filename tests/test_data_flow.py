@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import time
 
 import pyarrow.parquet as pq
@@ -58,3 +59,19 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli_main(["data", "--size", "-3", "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "--size" in err and "-3" in err
+
+
+def test_same_seed_same_manifest_digest(tmp_path):
+    """The built-in set, ingested and sharded twice from scratch with one seed, gives one manifest digest."""
+    from tasks import data as stages
+    from tasks.ingest import IngestConfig
+    from tasks.shards import ShardConfig
+    from tasks.synthetic import SyntheticConfig
+
+    digests = []
+    for seed, run in ((0, "a"), (0, "b"), (1, "c")):
+        root = tmp_path / run
+        ds = stages.builtin_dataset.fn(SyntheticConfig(n_images=16, n_audio=6, seed=seed), root)
+        ingested = stages.ingest.fn(stages.builtin_sources(ds["path"]), IngestConfig(), root)
+        digests.append(stages.shard.fn(Path(ingested["items"]), ShardConfig(), root)["digest"])
+    assert digests[0] == digests[1] != digests[2]
