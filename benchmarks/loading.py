@@ -11,7 +11,6 @@ so every worker has shards to read).
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 

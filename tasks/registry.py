@@ -29,6 +29,7 @@ from models.seq2seq import Seq2Seq, Seq2SeqConfig, audio_to_text_config, text_to
 from models.tokenizer import PAD_ID, ByteTokenizer
 from models.vit import ViT, ViTConfig
 from models.vq import Codebook, image_to_tokens, spec_to_tokens
+from tasks import codebook as codebook_lib
 
 TOKENIZER = ByteTokenizer()
 CODEBOOKS = ("pixels", "image", "mel")  # colour palette, image-patch codebook, spectrogram-patch codebook
@@ -48,22 +49,12 @@ class Codes:
 
 
 def load_codebook(path: str | Path, kind: str) -> Codes:
-    """A codebook file `{"config": {...}, "state_dict": {"codes": (K, D)}}`, read with weights_only=True.
-
-    The patch size is config["patch"] when present, else follows from D: pixels D=3 (patch 1), image D=P*P*3,
-    mel D=P*P.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"codebook file {path} ({kind}) does not exist; run the codebook stage first")
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    state = blob["state_dict"] if "state_dict" in blob else blob
-    k, dim = state["codes"].shape
-    cb = Codebook(k, dim)
-    cb.load_state_dict(state)
-    cfg = blob.get("config") or {}
+    """A codebook saved by the codebook stage (tasks/codebook.py) and the patch size its vectors stand for:
+    pixels D=3 (patch 1), image D=P*P*3, mel D=P*P."""
+    cb = codebook_lib.load_codebook(path)
+    dim = cb.codes.shape[1]
     channels = 1 if kind == "mel" else 3
-    patch = int(cfg.get("patch") or cfg.get("patch_size") or math.isqrt(dim // channels))
+    patch = math.isqrt(dim // channels)
     if patch * patch * channels != dim:
         raise ValueError(f"codebook {path}: code dimension {dim} is not patch*patch*{channels} for a {kind} codebook")
     return Codes(cb.eval(), patch)
