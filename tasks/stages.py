@@ -20,6 +20,7 @@ from tasks import codebook as codebook_lib
 from tasks import evaluate as eval_lib
 from tasks import index as index_lib
 from tasks import registry
+from tasks import roundtrip as roundtrip_lib
 from tasks import train as train_lib
 from tasks import tracking
 from tasks.cache import path_digest
@@ -81,22 +82,22 @@ def _report(experiment: str, run_id: str, result: dict, out: Path, prefix: str) 
 ROUNDTRIP_MODELS = ("t2i", "vit", "clip", "tts", "asr")
 
 
-@task(name="roundtrips", **stage(eval_lib, tasks.audio_out, tasks.loader, registry, models))
+@task(name="roundtrips", **stage(roundtrip_lib, eval_lib, tasks.audio_out, tasks.loader, registry, models))
 def roundtrips(checkpoints: dict[str, Path], prep: Path, codebooks: dict[str, Path], root: Path,
                parent_run_id: str | None = None, experiment: str = "tessera") -> dict:
     """Across modalities: text-to-image samples classified by ViT/CLIP, text-to-speech transcribed by ASR."""
     key = digest({k: path_digest(Path(v)) for k, v in sorted(checkpoints.items())}, path_digest(Path(prep)),
-                 code_version(eval_lib))
+                 code_version(roundtrip_lib, eval_lib))
     out = Path(root) / "roundtrips" / key
     cbs = {k: str(v) for k, v in codebooks.items()}
     metrics: dict = {}
     with tracking.start_run(experiment, "roundtrips", parent_run_id) as run:
         if {"t2i", "vit", "clip"} <= set(checkpoints):
-            r = eval_lib.roundtrip_t2i(checkpoints["t2i"], checkpoints["vit"], checkpoints["clip"], Path(prep), cbs,
+            r = roundtrip_lib.roundtrip_t2i(checkpoints["t2i"], checkpoints["vit"], checkpoints["clip"], Path(prep), cbs,
                                        out / "t2i")
             metrics.update({f"t2i/{k}": v for k, v in r["metrics"].items()})
         if {"tts", "asr"} <= set(checkpoints):
-            r = eval_lib.roundtrip_tts(checkpoints["tts"], checkpoints["asr"], Path(prep), cbs, out / "tts")
+            r = roundtrip_lib.roundtrip_tts(checkpoints["tts"], checkpoints["asr"], Path(prep), cbs, out / "tts")
             metrics.update({f"tts/{k}": v for k, v in r["metrics"].items()})
         run.metrics.add(metrics, step=0)
         run.metrics.flush()

@@ -17,6 +17,7 @@ from PIL import Image
 
 from models.vq import fit_kmeans
 from tasks import evaluate as ev
+from tasks import roundtrip
 from tasks.audio_out import mel_config, mel_to_wave, wave_to_model_mel
 from tasks.codebook import save_codebook
 from tasks.features import MelConfig, log_mel
@@ -112,7 +113,7 @@ def test_label_sets_and_prompts():
     assert all(len(p) == 6 * len(ev.TEMPLATES) for p in sets["shape"][1] + sets["colour"][1])
     assert "a photo of an orange star." in ev.prompt_ensemble("orange star")
     assert "a photo of a red circle." in sets["colour"][1][0]  # red's ensemble names red with every shape
-    assert "a red circle" in ev.default_prompts() and "an orange star" in ev.default_prompts()
+    assert "a red circle" in roundtrip.default_prompts() and "an orange star" in roundtrip.default_prompts()
 
 
 def test_retrieval_recall():
@@ -221,7 +222,7 @@ def test_evaluate_rejects_a_checkpoint_of_another_model(world, tmp_path):
 def test_roundtrip_t2i(world):
     out = world["tmp"] / "rt-t2i"
     c = world["ckpts"]
-    res = ev.roundtrip_t2i(c["t2i"], c["vit"], c["clip"], world["prep"], world["codebooks"], out,
+    res = roundtrip.roundtrip_t2i(c["t2i"], c["vit"], c["clip"], world["prep"], world["codebooks"], out,
                            prompts=["a red circle", "a blue triangle", "an orange star", "a green square"])
     check_common(res, out)
     m = res["metrics"]
@@ -233,7 +234,7 @@ def test_roundtrip_t2i(world):
 def test_roundtrip_tts(world):
     out = world["tmp"] / "rt-tts"
     c = world["ckpts"]
-    res = ev.roundtrip_tts(c["tts"], c["asr"], world["prep"], world["codebooks"], out, max_samples=4)
+    res = roundtrip.roundtrip_tts(c["tts"], c["asr"], world["prep"], world["codebooks"], out, max_samples=4)
     check_common(res, out)
     m = res["metrics"]
     assert m["cer"] >= 0 and m["direct_cer"] >= 0 and m["n"] == 4
