@@ -16,7 +16,7 @@ from flows.pipeline import pipeline
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-def _states(flow_run_id, wait_s: float = 60) -> dict[str, str]:
+def _states(flow_run_id, wait_s: float = 120) -> dict[str, str]:
     """task run name -> final state name, for a flow run and its subflow runs (the data flow).
 
     Prefect 3 reports task-run states to its API in the background: poll until none is left Pending/Running.
