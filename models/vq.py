@@ -4,7 +4,7 @@ A codebook maps a D-vector to the index of its nearest code (encode) and back to
     colour palette (ImageGPT): D = 3, one RGB pixel per token          image_to_tokens(cb, images, patch=1)
     patch codebook (Parti, TTS): D = P*P*C, one P x P patch per token   image_to_tokens(cb, images, patch=P)
                                                                         spec_to_tokens(cb, mel, patch=P)
-Patch vectors are laid out (p1, p2, c) like tasks/features.grid_patches: 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)'.
+Patch vectors are laid out (p1, p2, c): 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)'.
 Codes live in the units of the data they were fit on (pixels 0..255, normalised log-mel, ...).
 
 fit_kmeans: k-means++ seeding on a subsample, then Lloyd iterations (full batch) or Sculley's mini-batch updates,
@@ -168,7 +168,7 @@ def patchify(images: torch.Tensor, p: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, N, P*P*C), 'b c (h p1) (w p2) -> b (h w) (p1 p2 c)'; p=1 gives RGB pixels in raster order."""
     B, C, H, W = images.shape
     if H % p or W % p:
-        raise ValueError(f"images of {H}x{W} do not split into {p}x{p} patches")
+        raise ValueError(f"images of {H}x{W} do not split into {p}x{p} patches; pick a patch size dividing {H} and {W}")
     x = images.reshape(B, C, H // p, p, W // p, p)  # (B, C, h, p1, w, p2)
     return x.permute(0, 2, 4, 3, 5, 1).reshape(B, (H // p) * (W // p), p * p * C)  # (B, h*w, p1*p2*C)
 
@@ -185,7 +185,7 @@ def patchify_spec(mel: torch.Tensor, p: int) -> torch.Tensor:
     """(B, n_mels, n_frames) -> (B, N, P*P), 'b (f p1) (t p2) -> b (t f) (p1 p2)'.
 
     Tokens run time-major (all frequency patches of one time step, then the next), so an autoregressive decoder
-    speaks left to right; each patch vector is laid out (p1, p2) like grid_patches on a (1, n_mels, n_frames) array.
+    speaks left to right; each patch vector is laid out (p1, p2), as patchify lays out a (1, n_mels, n_frames) image.
     """
     B, F, T = mel.shape
     if F % p or T % p:

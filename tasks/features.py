@@ -107,15 +107,3 @@ def image_array(data: bytes, size: int) -> np.ndarray:
         if img.size != (size, size):
             img = ImageOps.fit(img, (size, size), Image.Resampling.BICUBIC)
         return np.ascontiguousarray(np.asarray(img, dtype=np.uint8).transpose(2, 0, 1))
-
-
-def grid_patches(x: np.ndarray, p: int) -> np.ndarray:
-    """Non-overlapping P x P patches of a (C, H, W) array in raster order -> (H/P * W/P, P*P*C).
-
-    Each patch vector is laid out (p1, p2, c), matching 'c (h p1) (w p2) -> (h w) (p1 p2 c)'.
-    """
-    c, h, w = x.shape
-    if h % p or w % p:
-        raise ValueError(f"array of shape {x.shape} does not split into {p}x{p} patches; pick a patch size dividing {h} and {w}")
-    x = x.reshape(c, h // p, p, w // p, p)  # (C, h, p1, w, p2)
-    return x.transpose(1, 3, 2, 4, 0).reshape((h // p) * (w // p), p * p * c)  # (h*w, p1*p2*C)

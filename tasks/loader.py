@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from tasks import shards
+
 FIELDS = {"img.npy": "img", "mel.npy": "mel"}
 BLOCK = 512  # tar block size
 
@@ -35,7 +37,7 @@ class CorruptShardError(RuntimeError):
 
 def shard_urls(prep_dir: str | Path, modality: str, split: str) -> list[str]:
     """The tar files of one modality and split, sorted and checked for truncation; a clear error when none."""
-    urls = sorted(str(p) for p in (Path(prep_dir) / modality).glob(f"{split}-*.tar"))
+    urls = shards.shard_urls(Path(prep_dir), modality, split)
     if not urls:
         raise FileNotFoundError(
             f"no {modality} shards for split {split!r} in {Path(prep_dir) / modality}; run `tessera data` first "

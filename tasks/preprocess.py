@@ -18,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 import pyarrow.parquet as pq
 import webdataset as wds
 
 from tasks.common import atomic_dir, progress, tree_digest, write_json
-from tasks.features import MelConfig, decode_audio, grid_patches, image_array, log_mel
+from models.vq import patchify
+from tasks.features import MelConfig, decode_audio, image_array, log_mel
 from tasks.shards import SPLITS, read_samples, shard_urls
 
 AUDIO_EXTS = ("wav", "flac", "ogg", "mp3")
@@ -48,6 +50,12 @@ class PrepConfig:
             raise ValueError(
                 f"mel grid {self.mel.n_mels}x{self.mel.n_frames} is not a multiple of mel_patch={self.mel_patch}"
             )
+
+
+def grid_patches(x: np.ndarray, p: int) -> np.ndarray:
+    """(C, H, W) array -> (H/P * W/P, P*P*C) non-overlapping patches in raster order, laid out (p1, p2, c):
+    the numpy face of models.vq.patchify, so the codebooks are fit on the vectors the models will tokenise."""
+    return patchify(torch.from_numpy(np.ascontiguousarray(x))[None], p)[0].numpy()
 
 
 def _payload(sample: dict, exts: tuple[str, ...]) -> bytes:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.features import MelConfig, decode_audio, grid_patches, image_array, log_mel
-from tasks.preprocess import PrepConfig, preprocess
+from tasks.features import MelConfig, decode_audio, image_array, log_mel
+from tasks.preprocess import PrepConfig, grid_patches, preprocess
 from tasks.shards import ShardConfig, read_samples, shard_urls, write_shards
 from tests.helpers import item_rows, png_bytes, wav_bytes, write_items
 

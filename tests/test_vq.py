@@ -116,7 +116,7 @@ def test_patchify_layout_and_round_trip():
     images = torch.arange(2 * 3 * 4 * 6).float().reshape(2, 3, 4, 6)  # (B, C, H, W)
     patches = patchify(images, 2)
     assert patches.shape == (2, 6, 12)  # a 2x3 grid of 2x2x3 patches
-    # patch (row 1, col 2) of image 1, laid out (p1, p2, c) like tasks/features.grid_patches
+    # patch (row 1, col 2) of image 1, laid out (p1, p2, c)
     expected = [images[1, c, 2 + p1, 4 + p2] for p1 in range(2) for p2 in range(2) for c in range(3)]
     assert patches[1, 1 * 3 + 2].tolist() == torch.stack(expected).tolist()
     assert torch.equal(unpatchify(patches, 2, 4, 6), images)
