@@ -10,8 +10,9 @@ import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -57,6 +58,18 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -
             fn()
             times[name].append(time.perf_counter() - t0)
     return times
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count inside the block (0: leave it), restored after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def median(xs: list[float]) -> float:

@@ -68,7 +68,7 @@ def pearson_per_clip(waves: list[np.ndarray], ours: torch.Tensor, cfg: MelConfig
     return out
 
 
-def run(quick: bool = False, full: bool = False) -> list[Row]:
+def run(quick: bool = False) -> list[Row]:
     n = 16 if quick else 256
     reps = 2 if quick else 5
     cfg = MelConfig()

@@ -142,6 +142,23 @@ def cmd_search(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from flows.deploy import PREFECT_FILE, deploy
+
+    res = deploy(Path(args.prefect_file or PREFECT_FILE), args.name, args.pool, args.pool_type, args.gpu_slots)
+    pools = ", ".join(f"{p} ({'created' if new else 'existing'})" for p, new in res.pools.items())
+    print(f"deployed {', '.join(res.deployments)} to {res.api_url}\nwork pool: {pools}; GPU concurrency limit "
+          f"(task tag tessera-train): {res.gpu_slots} slot(s)\nschedules are off until turned on; next: tessera worker")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from flows.deploy import worker_command
+
+    argv, env = worker_command(args.pool, args.name, args.limit)
+    os.execve(argv[0], argv, env)  # the worker replaces this process: signals (Ctrl-C, SIGTERM) reach it directly
+
+
 def cmd_ui(args) -> int:
     print(
         "Prefect UI:  prefect server start   (then open http://127.0.0.1:4200; set PREFECT_API_URL=http://127.0.0.1:4200/api\n"
@@ -182,6 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_search)
     sp = sub.add_parser("ui", help="how to open the Prefect and MLflow UIs")
     sp.set_defaults(func=cmd_ui)
+    sp = sub.add_parser("deploy", help="register deploy/prefect.yaml with the Prefect server in PREFECT_API_URL")
+    sp.add_argument("--prefect-file", help="deployment file (default: deploy/prefect.yaml)")
+    sp.add_argument("--name", nargs="+", help="only these deployments (default: all)")
+    sp.add_argument("--pool", help="work pool for every deployment (default: the file's, tessera)")
+    sp.add_argument("--pool-type", default="process", help="type of a work pool created here: process (default), "
+                    "docker or kubernetes")
+    sp.add_argument("--gpu-slots", type=int, help="training task runs at once across the pool (default 1 when new)")
+    sp.set_defaults(func=cmd_deploy)
+    sp = sub.add_parser("worker", help="start a Prefect worker that runs the deployments' flow runs on this machine")
+    sp.add_argument("--pool", default="tessera", help="work pool to poll (default: tessera)")
+    sp.add_argument("--name", help="worker name (default: Prefect's)")
+    sp.add_argument("--limit", type=int, help="flow runs at once on this worker (default: no limit)")
+    sp.set_defaults(func=cmd_worker)
     return parser
 
 

@@ -1,4 +1,8 @@
-"""The `data` flow: built-in dataset or user sources -> ingest -> shards -> preprocess."""
+"""The `data` flow: built-in dataset or user sources -> ingest -> shards -> preprocess.
+
+The built-in dataset and ingest write under the local output root; shards and model-ready shards under `store`
+(a folder or an fsspec URL such as s3://bucket/prefix), which defaults to the root.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.params import DataParams
 from tasks import data as stages
+from tasks import storage
 from tasks.features import MelConfig
 from tasks.ingest import IngestConfig, Sources
 from tasks.preprocess import PrepConfig
@@ -58,9 +63,11 @@ def data_flow(params: DataParams = DataParams()) -> dict:
             images=params.images, audio=params.audio, captions=params.captions,
             transcripts=params.transcripts, shards=tuple(params.shards),
         )
+    store = storage.location(params.store) if params.store else root
+    store = store.resolve() if isinstance(store, Path) else store
     ingested = stages.ingest(sources, ingest_cfg, root)
-    sharded = stages.shard(Path(ingested["items"]), shard_cfg, root)
-    prepared = stages.preprocess(Path(sharded["path"]), prep_cfg, root)
+    sharded = stages.shard(Path(ingested["items"]), shard_cfg, store)
+    prepared = stages.preprocess(storage.location(sharded["path"]), prep_cfg, store)
     create_markdown_artifact(_summary(ingested, sharded, prepared), key="data-summary", description="tessera data")
     print(f"data ready: {prepared['path']} ({ingested['n_quarantined']} quarantined)")
     return {"ingest": ingested, "shards": sharded, "prep": prepared}

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from tasks import storage
 
 
 class DataParams(BaseModel):
     """Where the data comes from and how it is sharded and preprocessed."""
 
     root: Path = Field(Path("outputs"), description="output root (every stage writes under it)")
+    store: str | None = Field(
+        None, description="where the shards, manifest and model-ready shards go: a folder or an fsspec URL "
+        "(s3://bucket/prefix, gs://..., file://..., memory://...); default: the output root",
+    )
     # built-in dataset (used when no user source is given)
     size: int = Field(2000, ge=8, description="built-in dataset: number of images (audio clips: half of it)")
     seed: int = Field(0, description="built-in dataset seed")
@@ -37,6 +43,13 @@ class DataParams(BaseModel):
     @property
     def builtin(self) -> bool:
         return not (self.images or self.audio or self.captions or self.transcripts or self.shards)
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str | None) -> str | None:
+        if v is not None:
+            storage.check(v)  # a URL whose fsspec package is missing: one line naming it, before any work
+        return v
 
     @field_validator("images", "audio", "captions", "transcripts")
     @classmethod
@@ -65,6 +78,8 @@ class TrainParams(BaseModel):
     device: str = Field("auto", description="auto, cpu or cuda")
     precision: str = Field("auto", description="auto, bf16 or fp32")
     compile: bool = Field(False, description="torch.compile the training step")
+    init_from_trained: bool = Field(True, description="start CLIP's image-tower stem from the trained ViT; "
+                                    "off: CLIP from scratch")
     train_overrides: dict[str, dict] = Field(default_factory=dict, description='per model: {"vit": {"lr": 3e-4}}')
     model_overrides: dict[str, dict] = Field(default_factory=dict, description='per model: {"vit": {"depth": 6}}')
 
@@ -95,3 +110,10 @@ class PipelineParams(BaseModel):
     eval: EvalParams = Field(default_factory=EvalParams)
     index: IndexParams = Field(default_factory=IndexParams)
     experiment: str = Field("tessera", description="MLflow experiment")
+
+    @model_validator(mode="after")
+    def _local_store(self) -> PipelineParams:
+        if self.data.store is not None and storage.is_remote(self.data.store):
+            raise ValueError(f"data.store={self.data.store}: the pipeline's model stages read a local prep folder; "
+                             "use a local store here (`tessera data` writes to URLs, and train() reads them)")
+        return self

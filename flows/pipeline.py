@@ -2,7 +2,8 @@
 
 One MLflow parent run per flow run (tagged with the Prefect flow-run id); every stage and model reports in a
 nested run under it. Independent models could run concurrently (`.submit`); on a 2-core CPU one at a time is
-faster, so they run in order here.
+faster, so they run in order here. A model that starts from another (registry `init`: CLIP's image tower from the
+trained ViT's stem) trains after it, and its cache key includes that checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +27,12 @@ def train_config(model: str, p: PipelineParams):
     fields = {k: v for k, v in dict(max_steps=t.steps, batch_size=t.batch_size, device=t.device,
                                     precision=t.precision, compile=t.compile).items() if v is not None}
     return default_train_config(model, **{**fields, **t.train_overrides.get(model, {})})
+
+
+def train_order(models: list[str]) -> list[str]:
+    """The models in the given order, except that a model another one starts from (registry `init`) comes first."""
+    sources = [spec(m).init[0] for m in models if spec(m).init and spec(m).init[0] in models]
+    return [m for m in models if m in sources] + [m for m in models if m not in sources]
 
 
 def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None) -> str:
@@ -52,11 +59,13 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
         run = dict(parent_run_id=parent.run_id, experiment=params.experiment)
         cb = stages.fit_codebooks(prep, CodebookConfig(**params.codebooks.model_dump()), root, **run)
         trained, evals = {}, {}
-        for m in params.train.models:
+        for m in train_order(params.train.models):
             needs = {k: Path(cb[k]) for k in [spec(m).codebook] if k}
+            source = spec(m).init[0] if spec(m).init and params.train.init_from_trained else None
+            init = Path(trained[source]["checkpoint"]) if source in trained else None
             trained[m] = stages.train_model.with_options(task_run_name=f"train-{m}")(
                 m, prep, needs, train_config(m, params), root, params.train.preset,
-                params.train.model_overrides.get(m), **run)
+                params.train.model_overrides.get(m), init_from=init, **run)
             evals[m] = stages.evaluate_model.with_options(task_run_name=f"eval-{m}")(
                 m, Path(trained[m]["checkpoint"]), prep, needs, root, params.eval.max_samples,
                 run_id=trained[m]["run_id"], experiment=params.experiment)

@@ -6,7 +6,7 @@ Every model: `Model(Config())`, `model.cfg`, `model(batch) -> (output, loss)` (l
 
 from models.ast import AST, ASTConfig
 from models.clip import CLIP, CLIPConfig
-from models.embeddings import PatchEmbed, resize_pos_embed, sinusoidal
+from models.embeddings import ConvStem, PatchEmbed, resize_pos_embed, sinusoidal
 from models.imagegpt import ImageGPT, ImageGPTConfig
 from models.seq2seq import (
     Seq2Seq,

@@ -32,6 +32,7 @@ class ASTConfig:
     n_heads: int = 3
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    stem: str = "patch"  # "patch" (the paper's linear patch embedding) or "conv" (vit.py; needs strides = patch)
 
 
 class AST(nn.Module):
@@ -41,7 +42,7 @@ class AST(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = ViTEncoder(1, (cfg.n_mels, cfg.n_frames), cfg.patch_size, (cfg.fstride, cfg.tstride),
-                                  cfg.dim, cfg.depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout)
+                                  cfg.dim, cfg.depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.stem)
         self.head = nn.Linear(cfg.dim, cfg.n_classes)
         init_weights(self.head)
 

@@ -30,6 +30,7 @@ class CLIPConfig:
     tower: str = "image"  # "image": ViT over (B, 3, H, W); "audio": AST over (B, n_mels, n_frames)
     img_size: int = 32
     patch_size: int = 4
+    vision_stem: str = "patch"  # the image tower's stem: "patch" or "conv" (see vit.py)
     n_mels: int = 128
     n_frames: int = 128
     mel_patch: int = 16
@@ -56,7 +57,7 @@ class CLIP(nn.Module):
         self.cfg = cfg
         if cfg.tower == "image":
             self.visual = ViTEncoder(3, (cfg.img_size, cfg.img_size), cfg.patch_size, None, cfg.vision_dim,
-                                     cfg.vision_depth, cfg.vision_heads, cfg.mlp_ratio, cfg.dropout)
+                                     cfg.vision_depth, cfg.vision_heads, cfg.mlp_ratio, cfg.dropout, cfg.vision_stem)
         elif cfg.tower == "audio":
             self.visual = ViTEncoder(1, (cfg.n_mels, cfg.n_frames), cfg.mel_patch, (cfg.fstride, cfg.tstride),
                                      cfg.vision_dim, cfg.vision_depth, cfg.vision_heads, cfg.mlp_ratio, cfg.dropout)

@@ -48,6 +48,49 @@ class PatchEmbed(nn.Module):
         return 2 * self.proj.weight[0].numel() * self.proj.out_channels * gh * gw
 
 
+class ConvStem(nn.Module):
+    """A convolutional stem in place of the patchify layer (Xiao et al. 2021, "Early convolutions help
+    transformers see better"): log2(P) 3x3 stride-2 convolutions (GroupNorm, GELU) then a 1x1 projection to D.
+
+    Same interface as PatchEmbed: (B, C, H, W) -> (B, gh*gw, D) with the grid of a P x P patchify for H, W divisible
+    by P. It gives the transformer a locality prior that a small dataset cannot teach it, for ~20% more FLOPs on
+    the default ViT.
+    """
+
+    def __init__(self, in_chans: int, dim: int, patch: int, widths: tuple[int, ...] | None = None):
+        super().__init__()
+        n = int(math.log2(patch))
+        if patch < 2 or 2 ** n != patch:
+            raise ValueError(f"a conv stem needs a power-of-two patch size >= 2, got {patch}; use stem='patch'")
+        self.patch = (patch, patch)
+        widths = widths or tuple(min(dim, max(32, dim >> (n - 1 - i))) for i in range(n))  # e.g. D=128, P=8: 32,64,128
+        layers, c = [], in_chans
+        for w in widths:
+            layers += [nn.Conv2d(c, w, 3, stride=2, padding=1, bias=False), nn.GroupNorm(min(8, w), w), nn.GELU()]
+            c = w
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(c, dim, kernel_size=1)
+
+    def grid(self, h: int, w: int) -> tuple[int, int]:
+        if h < self.patch[0] or w < self.patch[1]:
+            raise ValueError(f"input {h}x{w} is smaller than the {self.patch[0]}x{self.patch[1]} patch")
+        return -(-h // self.patch[0]), -(-w // self.patch[1])  # each stride-2, pad-1 conv gives ceil(h / 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(self.convs(x))  # (B, D, gh, gw)
+        return x.flatten(2).transpose(1, 2)  # (B, gh*gw, D)
+
+    def flops(self, h: int, w: int) -> int:
+        """Forward FLOPs for one H x W input: 2 * (k*k*C_in) * C_out per output position of each convolution."""
+        total = 0
+        for m in [*self.convs, self.proj]:
+            if isinstance(m, nn.Conv2d):
+                h, w = (h + 2 * m.padding[0] - m.kernel_size[0]) // m.stride[0] + 1, \
+                       (w + 2 * m.padding[1] - m.kernel_size[1]) // m.stride[1] + 1
+                total += 2 * m.weight[0].numel() * m.out_channels * h * w
+        return total
+
+
 def resize_pos_embed(pos: torch.Tensor, old_grid, new_grid, n_prefix: int = 1, mode: str = "bicubic") -> torch.Tensor:
     """Resample a learned positional table to another patch grid (timm / DeiT recipe).
 

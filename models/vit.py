@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.embeddings import PatchEmbed, resize_pos_embed
+from models.embeddings import ConvStem, PatchEmbed, _pair, resize_pos_embed
 from models.transformer import Transformer, init_weights
 
 
@@ -32,18 +32,24 @@ class ViTConfig:
     n_heads: int = 3
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    stem: str = "patch"  # "patch": one linear map per patch (ViT); "conv": a convolutional stem (Xiao et al. 2021)
 
 
 class ViTEncoder(nn.Module):
     """The ViT trunk: (B, C, H, W) -> (B, 1 + N, D), final LayerNorm applied, token 0 = CLS.
 
     in_size is the (H, W) the positional table is learned for; other sizes get it resized (bicubic) on the fly.
-    stride < patch gives overlapping patches (AST).
+    stride < patch gives overlapping patches (AST). stem="conv" replaces the patchify layer with ConvStem.
     """
 
-    def __init__(self, in_chans, in_size, patch, stride, dim, depth, n_heads, mlp_ratio=4.0, dropout=0.0):
+    def __init__(self, in_chans, in_size, patch, stride, dim, depth, n_heads, mlp_ratio=4.0, dropout=0.0,
+                 stem="patch"):
         super().__init__()
-        self.patch_embed = PatchEmbed(in_chans, dim, patch, stride)
+        if stem not in ("patch", "conv"):
+            raise ValueError(f"unknown stem {stem!r}; use 'patch' or 'conv'")
+        if stem == "conv" and stride is not None and _pair(stride) != _pair(patch):
+            raise ValueError("a conv stem has no overlapping patches; use stem='patch' with a stride")
+        self.patch_embed = ConvStem(in_chans, dim, patch) if stem == "conv" else PatchEmbed(in_chans, dim, patch, stride)
         self.grid = self.patch_embed.grid(*in_size)  # (gh, gw) of the learned table
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)  # x_class
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.grid[0] * self.grid[1], dim) * 0.02)  # E_pos
@@ -71,7 +77,7 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = ViTEncoder(cfg.in_chans, (cfg.img_size, cfg.img_size), cfg.patch_size, None,
-                                  cfg.dim, cfg.depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout)
+                                  cfg.dim, cfg.depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.stem)
         self.head = nn.Linear(cfg.dim, cfg.n_classes)
         init_weights(self.head)
 

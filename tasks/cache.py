@@ -5,6 +5,8 @@ across runs). Here a `Path` input is keyed by its content: a finished task outpu
 record, any other file or folder by the sha256 of its bytes. Configs are keyed by their fields. An input named
 `root` (the output root) is keyed by an epoch file inside it, so deleting the whole output root invalidates every
 cached record that pointed into it. `parent_run_id` (where a task reports in MLflow) is not part of the key.
+A location given as an fsspec URL string (s3://, gs://, memory://, file://; tasks/storage.py) is keyed like a
+`Path`: by its content, never by the URL text, and a `root` URL by the epoch object under it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 
+from tasks import storage
 from tasks.common import code_version, digest, file_sha256, read_success, to_jsonable, tree_digest
 
 EPOCH = ".epoch"
@@ -24,20 +27,24 @@ EPOCH = ".epoch"
 NOT_KEYED = frozenset({"parent_run_id", "experiment"})
 
 
-def root_epoch(root: Path) -> str:
-    """A random id stored in the output root; a new root (or a wiped one) gets a new id."""
-    root.mkdir(parents=True, exist_ok=True)
-    marker = root / EPOCH
-    if not marker.exists():
-        marker.write_text(uuid.uuid4().hex)
-    return marker.read_text().strip()
+def root_epoch(root: Path | str) -> str:
+    """A random id stored in the output root (a folder or a URL); a new root (or a wiped one) gets a new id."""
+    root = storage.location(root)
+    if isinstance(root, Path):
+        root.mkdir(parents=True, exist_ok=True)
+    marker = storage.join(root, EPOCH)
+    if not storage.exists(marker):
+        storage.write_bytes(marker, uuid.uuid4().hex.encode())
+    return storage.read_text(marker).strip()
 
 
-def path_digest(path: Path) -> str:
-    """Content digest of a file or folder (a finished task output answers with its recorded digest)."""
-    if not path.exists():
+def path_digest(path: Path | str) -> str:
+    """Content digest of a file or folder, local or at a URL (a finished task output answers with its recorded
+    digest)."""
+    path = storage.location(path)
+    if not storage.exists(path):
         return f"missing:{path}"
-    if path.is_file():
+    if storage.isfile(path):
         return file_sha256(path)
     record = read_success(path)
     if record is not None and "digest" in record:
@@ -46,7 +53,7 @@ def path_digest(path: Path) -> str:
 
 
 def _key_of(value: Any) -> Any:
-    if isinstance(value, Path):
+    if isinstance(value, Path) or storage.is_url(value):
         return path_digest(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _key_of(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -71,7 +78,7 @@ class ContentDigest(CachePolicy):
         for name, value in sorted((inputs or {}).items()):
             if name in NOT_KEYED:
                 continue
-            if name == "root" and isinstance(value, Path):
+            if name == "root" and (isinstance(value, Path) or storage.is_url(value)):
                 parts[name] = root_epoch(value)
             else:
                 parts[name] = _key_of(value)

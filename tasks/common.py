@@ -2,7 +2,9 @@
 
 A task writes its output under a directory named by a digest of (input digests, config, code version), into a
 temporary sibling first and renamed when complete, with a `_SUCCESS` record inside. A directory without `_SUCCESS`
-is never treated as finished, so an interrupted run leaves nothing that looks done.
+is never treated as finished, so an interrupted run leaves nothing that looks done. Locations may be fsspec URLs
+(s3://, gs://, memory://): there the folder is staged locally, uploaded, and `_SUCCESS` written last
+(tasks/storage.py says what stays atomic where).
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
 from tqdm.auto import tqdm
+
+from tasks import storage
 
 SUCCESS = "_SUCCESS"
 T = TypeVar("T")
@@ -50,20 +55,16 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes (a local path or an fsspec URL)."""
+    return storage.sha256(path)
 
 
 def tree_digest(path: str | Path) -> str:
-    """sha256 over (relative path, content sha256) of every file under a folder, in sorted order."""
-    path = Path(path)
+    """sha256 over (relative path, content sha256) of every file under a folder (local or URL), in sorted order."""
     h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode() + b"\0" + file_sha256(f).encode())
+    for rel in storage.files(path):
+        h.update(rel.encode() + b"\0" + file_sha256(storage.join(path, rel)).encode())
     return h.hexdigest()
 
 
@@ -80,19 +81,24 @@ def code_version(*objs: Any) -> str:
 
 
 def read_success(path: str | Path) -> dict | None:
-    """The record a finished output directory holds, or None when it is absent or unfinished."""
-    marker = Path(path) / SUCCESS
-    if not marker.is_file():
+    """The record a finished output directory (local or URL) holds, or None when it is absent or unfinished."""
+    marker = storage.join(path, SUCCESS)
+    if not storage.isfile(marker):
         return None
-    return json.loads(marker.read_text())
+    return json.loads(storage.read_text(marker))
+
+
+def require_finished(path: str | Path) -> None:
+    """Raise for a remote folder without `_SUCCESS`: on an object store its files appear one by one and the marker
+    comes last, so a reader must not list it before. (A local folder appears whole, by rename.)"""
+    if storage.is_remote(path) and read_success(path) is None:
+        raise FileNotFoundError(f"{storage.location(path)} has no {SUCCESS}: it is unfinished (still being uploaded, "
+                                "or its writer died); wait for it or re-run the stage that writes it")
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically: locally a temp file in the same folder, then rename; at a URL one PUT."""
+    storage.write_bytes(path, (json.dumps(to_jsonable(obj), indent=2, sort_keys=True) + "\n").encode())
 
 
 @contextlib.contextmanager
@@ -101,8 +107,13 @@ def atomic_dir(final: str | Path, record: dict | None = None) -> Iterator[Path]:
 
     On an exception the temp directory is removed and `final` is untouched. The caller fills `record` (a dict it
     passed in) with what `_SUCCESS` should hold: counts, digests, relative paths.
+    A remote `final` (an fsspec URL): the temp directory is a local one, uploaded on success with `_SUCCESS` last.
     """
-    final = Path(final)
+    final = storage.location(final)
+    if isinstance(final, str):
+        with _remote_dir(final, record) as tmp:
+            yield tmp
+        return
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -115,6 +126,18 @@ def atomic_dir(final: str | Path, record: dict | None = None) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def _remote_dir(final: str, record: dict | None) -> Iterator[Path]:
+    storage.check(final)  # a missing fsspec package fails before the work, not after it
+    tmp = Path(tempfile.mkdtemp(prefix=f"tessera-{storage.name(final)}-"))
+    try:
+        yield tmp
+        write_json(tmp / SUCCESS, record if record is not None else {})
+        storage.upload_dir(tmp, final, last=SUCCESS)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it") -> Iterable[T]:

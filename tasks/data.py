@@ -3,6 +3,7 @@
 Each task names its output directory by a digest of its inputs' content digests, its config and its code, so a
 re-run with the same inputs finds the finished directory (and Prefect's cache, keyed the same way, marks the task
 run Cached). Retries only where a failure can be transient (file I/O); bad items are quarantined, not retried.
+The shard and preprocess outputs may go to a remote store: their `root` may be an fsspec URL (tasks/storage.py).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 from prefect import task
 
 from tasks import ingest as ingest_lib
+from tasks import storage
 from tasks import preprocess as prep_lib
 from tasks import shards as shard_lib
 from tasks import features, speech, synthetic
@@ -36,7 +38,7 @@ def transient_only(task, task_run, state) -> bool:
 IO_RETRY = dict(retries=2, retry_delay_seconds=2, retry_condition_fn=transient_only)
 
 
-def _record(out: Path, record: dict) -> dict:
+def _record(out: Path | str, record: dict) -> dict:
     return {"path": str(out), **record}
 
 
@@ -71,16 +73,18 @@ def ingest(sources: Sources, cfg: IngestConfig, root: Path) -> dict:
 
 
 @task(name="shard", **IO_RETRY, **stage(shard_lib))
-def shard(items: Path, cfg: ShardConfig, root: Path) -> dict:
-    """Write webdataset shards and the Parquet manifest."""
-    out = Path(root) / "shards" / digest(path_digest(Path(items)), cfg, code_version(shard_lib))
-    record = read_success(out) or shard_lib.write_shards(Path(items), cfg, out)
+def shard(items: Path | str, cfg: ShardConfig, root: Path | str) -> dict:
+    """Write webdataset shards and the Parquet manifest (under `root`: a folder or an fsspec URL)."""
+    items = storage.location(items)
+    out = storage.join(root, "shards", digest(path_digest(items), cfg, code_version(shard_lib)))
+    record = read_success(out) or shard_lib.write_shards(items, cfg, out)
     return _record(out, record)
 
 
 @task(name="preprocess", **IO_RETRY, **stage(prep_lib, features))
-def preprocess(shards: Path, cfg: PrepConfig, root: Path) -> dict:
-    """Model-ready spectrogram/image shards, normalisation stats and the patch sample set."""
-    out = Path(root) / "prep" / digest(path_digest(Path(shards)), cfg, code_version(prep_lib, features))
-    record = read_success(out) or prep_lib.preprocess(Path(shards), cfg, out)
+def preprocess(shards: Path | str, cfg: PrepConfig, root: Path | str) -> dict:
+    """Model-ready spectrogram/image shards, normalisation stats and the patch sample set (under `root`)."""
+    shards = storage.location(shards)
+    out = storage.join(root, "prep", digest(path_digest(shards), cfg, code_version(prep_lib, features)))
+    record = read_success(out) or prep_lib.preprocess(shards, cfg, out)
     return _record(out, record)

@@ -22,6 +22,7 @@ import torch
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from tasks import storage
 from tasks.common import atomic_dir, progress, tree_digest, write_json
 from models.vq import patchify
 from tasks.features import MelConfig, decode_audio, image_array, log_mel
@@ -177,10 +178,12 @@ def _audio(shards: Path, tmp: Path, cfg: PrepConfig, classes, counts, rng) -> di
     return {"classes": classes, "mean": mean, "std": std, "mel": vars(cfg.mel) | {"hop_length": cfg.mel.hop_length}}
 
 
-def preprocess(shards: Path, cfg: PrepConfig, out_dir: Path) -> dict:
-    """Write model-ready shards, stats and patch samples for `shards` into `out_dir` atomically."""
-    shards = Path(shards)
-    manifest = pq.read_table(shards / "manifest.parquet").to_pylist()
+def preprocess(shards: Path | str, cfg: PrepConfig, out_dir: Path | str) -> dict:
+    """Write model-ready shards, stats and patch samples for `shards` into `out_dir` atomically (either may be an
+    fsspec URL: tasks/storage.py)."""
+    shards = storage.location(shards)
+    with storage.open(storage.join(shards, "manifest.parquet")) as f:
+        manifest = pq.read_table(f).to_pylist()
     counts: dict = {}
     for r in manifest:
         counts.setdefault(r["modality"], {}).setdefault(r["split"], 0)

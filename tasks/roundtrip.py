@@ -13,9 +13,9 @@ import torch
 
 from tasks import audio_out
 from tasks.common import atomic_dir
-from tasks.evaluate import (BATCH_SIZE, N_EXAMPLES, N_SHOW, Run, _amp, _finish, _table, cer, generate_images,
-                            hit_rates, image_grid, load_model, prompt_ensemble, transcribe, wer, zero_shot,
-                            zero_shot_classifiers)
+from tasks.evaluate import (BATCH_SIZE, N_EXAMPLES, N_SHOW, Run, _amp, _finish, _table, generate_images, image_grid,
+                            load_model, transcribe, zero_shot, zero_shot_classifiers)
+from tasks.metrics import cer, hit_rates, prompt_ensemble, wer
 from tasks.synthetic import COLOURS, HELDOUT, SHAPES
 
 

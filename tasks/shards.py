@@ -7,10 +7,15 @@ Output, under a content-addressed directory:
     _SUCCESS                        digest, counts, the shard list with each shard's sha256
 The split is a function of the key alone (a salted hash), so it is stable when items are added; a row's own
 `split` value (e.g. held-out zero-shot combinations) overrides it.
+
+`out_dir` (and `items`) may be fsspec URLs (s3://bucket/prefix, gs://, memory://): the shards are written to a local
+temporary folder, uploaded, and `_SUCCESS` is written last; readers (`shard_urls`) refuse a remote folder without
+it. webdataset opens remote shard URLs through fsspec (`gopen_schemes` below).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -19,10 +24,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
+from webdataset.gopen import gopen_schemes
 
-from tasks.common import atomic_dir, digest, file_sha256, progress
+from tasks import storage
+from tasks.common import atomic_dir, digest, file_sha256, progress, require_finished
 
 SPLITS = ("train", "val", "test")
+
+# webdataset opens a URL through its table of schemes: local paths, file:, pipe:, http(s) through curl, gs through
+# gsutil; any other scheme raises. Remote stores go through fsspec instead, with the credentials it writes them with.
+gopen_schemes["__default__"] = storage.gopen
+for _scheme in ("gs", "gcs"):
+    gopen_schemes[_scheme] = storage.gopen
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -88,16 +101,16 @@ def _sample(row: dict) -> dict:
     return sample
 
 
-def write_shards(items: Path, cfg: ShardConfig, out_dir: Path) -> dict:
-    """Shard `items.parquet` into `out_dir` atomically; return the `_SUCCESS` record."""
-    items = Path(items)
-    if not items.is_file():
+def write_shards(items: Path | str, cfg: ShardConfig, out_dir: Path | str) -> dict:
+    """Shard `items.parquet` into `out_dir` (a folder or a URL) atomically; return the `_SUCCESS` record."""
+    items = storage.location(items)
+    if not storage.isfile(items):
         raise FileNotFoundError(f"items table {items} does not exist; run ingest first")
     record: dict = {}
-    with atomic_dir(out_dir, record) as tmp:
+    with atomic_dir(out_dir, record) as tmp, contextlib.ExitStack() as stack:
         writers: dict[tuple[str, str], wds.ShardWriter] = {}
         rows_out = []
-        pf = pq.ParquetFile(items)
+        pf = pq.ParquetFile(items if isinstance(items, Path) else stack.enter_context(storage.open(items)))
         for batch in progress(pf.iter_batches(batch_size=256), desc="shards", unit="batch"):
             for row in batch.to_pylist():
                 split = row.get("split") or assign_split(row["key"], cfg)
@@ -132,9 +145,11 @@ def write_shards(items: Path, cfg: ShardConfig, out_dir: Path) -> dict:
     return record
 
 
-def shard_urls(shards_dir: Path, modality: str, split: str) -> list[str]:
-    """The tar files of one modality and split, in order."""
-    return sorted(str(p) for p in (Path(shards_dir) / modality).glob(f"{split}-*.tar"))
+def shard_urls(shards_dir: Path | str, modality: str, split: str) -> list[str]:
+    """The tar files of one modality and split, in order: paths, or URLs for a remote `shards_dir`, which must be
+    finished (hold `_SUCCESS`: on an object store the files appear one by one, and the marker comes last)."""
+    require_finished(shards_dir)
+    return storage.glob(storage.join(shards_dir, modality), f"{split}-*.tar")
 
 
 def read_samples(urls: list[str]):

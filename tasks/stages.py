@@ -8,6 +8,7 @@ under the pipeline's parent run (`parent_run_id`, never part of a cache key).
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from prefect import task
 import models
 import tasks.audio_out
 import tasks.loader
+from tasks import augment
 from tasks import codebook as codebook_lib
 from tasks import evaluate as eval_lib
 from tasks import index as index_lib
@@ -46,17 +48,27 @@ def fit_codebooks(prep: Path, cfg: codebook_lib.CodebookConfig, root: Path, pare
             "metrics": record["metrics"]}
 
 
-@task(name="train", **stage(train_lib, registry, tasks.loader, tracking, models))
+# Task runs tagged `tessera-train` share a Prefect concurrency limit when a server has one (`tessera deploy` creates
+# it, one slot per GPU): two trainings never fight for one GPU. Without a limit (local/ephemeral runs) the tag is inert.
+# Under torchrun (WORLD_SIZE > 1) every rank runs this task and the ranks wait for each other: queueing them for slots
+# one by one would deadlock (rank 0 holds the slot, waiting for rank 1), so torchrun jobs are not counted.
+GPU_TAGS = [] if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ["tessera-train"]
+
+
+@task(name="train", tags=GPU_TAGS, **stage(train_lib, registry, augment, tasks.loader, tracking, models))
 def train_model(model: str, prep: Path, codebooks: dict[str, Path], cfg: train_lib.TrainConfig, root: Path,
                 preset: str = "default", overrides: dict | None = None, parent_run_id: str | None = None,
-                experiment: str = "tessera") -> dict:
-    """Train one model (resuming from its checkpoint after a crash); register it in the MLflow Model Registry."""
+                experiment: str = "tessera", init_from: Path | None = None) -> dict:
+    """Train one model (resuming from its checkpoint after a crash); register it in the MLflow Model Registry.
+
+    init_from: a trained checkpoint that starts part of the model (registry `init`: CLIP's image tower from the ViT)."""
     key = digest(model, path_digest(Path(prep)), {k: path_digest(Path(v)) for k, v in sorted(codebooks.items())},
-                 cfg, preset, overrides or {}, code_version(train_lib, registry, models))
+                 cfg, preset, overrides or {}, code_version(train_lib, registry, augment, models),
+                 *([path_digest(Path(init_from))] if init_from else []))
     out = Path(root) / "train" / model / key
     return train_lib.train(model, Path(prep), out, cfg, model_overrides=overrides,
                            codebooks={k: str(v) for k, v in codebooks.items()}, parent_run_id=parent_run_id,
-                           experiment=experiment, preset=preset, register=True)
+                           experiment=experiment, preset=preset, register=True, init_from=init_from)
 
 
 @task(name="evaluate", **stage(eval_lib, tasks.audio_out, tasks.loader, registry, models))

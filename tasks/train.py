@@ -27,7 +27,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import signal
 import threading
 import time
@@ -35,18 +34,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from tasks import loader, tracking
+from tasks import loader, storage, tracking
+from tasks.checkpoint import (  # noqa: F401 - CheckpointError, load_checkpoint: re-exported for tasks.train users
+    CKPT,
+    STATE,
+    CheckpointError,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from tasks.common import read_success, tree_digest, write_json
-from tasks.registry import BatchContext, DataInfo, configure, spec
+from tasks.registry import MODELS, BatchContext, DataInfo, configure, spec
 
-CKPT = "ckpt.pt"
-STATE = "train.json"
 LOSS_KEY = "train/loss"
 BETAS = (0.9, 0.95)
 
@@ -71,6 +76,7 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers (capped at the number of shards)
     shuffle_buffer: int = 1000
     cpu_threads: int = 1  # torch threads on CPU while training; 0: torch's default (one per core). See below.
+    augment: bool = True  # the model's train-time augmentation (registry `augment`; none for generative models)
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "ckpt_every", "log_every"):
@@ -89,10 +95,6 @@ class TrainConfig:
 def default_train_config(model: str, **overrides) -> TrainConfig:
     """TrainConfig with the model's suggested fields (registry `train`), then `overrides`."""
     return TrainConfig(**{**spec(model).train, **overrides})
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that should be there to resume from is missing or unreadable."""
 
 
 class Terminated(KeyboardInterrupt):
@@ -195,54 +197,6 @@ def _device(name: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-# ---------------------------------------------------------------------------------------------------- checkpoints
-def rng_state() -> dict:
-    """Torch, CUDA, numpy and Python RNG states as tensors, ints and lists (loadable with weights_only=True)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, py_state, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "gauss": float(gauss)},
-        "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
-    }
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
-
-
-def save_checkpoint(path: Path, ckpt: dict) -> None:
-    """torch.save to a temp file beside `path`, fsync, then os.replace: a kill never leaves a half-written ckpt."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load(weights_only=True), never a pickle fallback; a missing or unreadable file is a CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist, but {path.parent / STATE} says training reached "
-                              f"a checkpoint; delete {path.parent} to train from scratch")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated zip, garbage, or objects outside the weights-only allowlist
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc)[:300]}); it was "
-                              f"damaged or not written by tasks/train.py; delete {path.parent} to train from "
-                              "scratch") from exc
-
-
 # ---------------------------------------------------------------------------------------------------- data
 class Stream:
     """Endless training batches across epochs; (epoch, batch) is the position of the next batch, for checkpoints."""
@@ -302,7 +256,7 @@ class _NullMetrics:
     def add(self, metrics: dict, step: int) -> None:
         pass
 
-    def flush(self) -> None:
+    def flush(self, wait: bool = True) -> None:
         pass
 
 
@@ -329,6 +283,25 @@ def _sigterm_raises() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def init_part(net: nn.Module, model: str, path: Path) -> int:
+    """Copy the weights of a trained checkpoint into the part of `net` the registry's `init` names (CLIP's image
+    tower starts from the trained ViT's convolutional stem, see registry.py). Returns the number of tensors copied."""
+    if spec(model).init is None:
+        raise ValueError(f"{model} takes no init_from checkpoint; only {[m for m, x in MODELS.items() if x.init]} do")
+    source, src_prefix, dst_prefix = spec(model).init
+    ckpt = load_checkpoint(path)
+    if ckpt["model"] != source:
+        raise ValueError(f"init_from={path} holds a {ckpt['model']}; {model} starts from a {source} checkpoint")
+    part = {dst_prefix + k[len(src_prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(src_prefix)}
+    own = net.state_dict()
+    bad = [k for k, v in part.items() if k not in own or own[k].shape != v.shape]
+    if bad or not part:
+        raise ValueError(f"init_from={path}: the {source}'s {src_prefix}* weights do not fit {model}'s {dst_prefix}* "
+                         f"({len(bad)} mismatched, e.g. {bad[:2]}); give both the same tower sizes")
+    net.load_state_dict(part, strict=False)
+    return len(part)
+
+
 def _read_state(out_dir: Path) -> dict:
     path = out_dir / STATE
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -347,6 +320,7 @@ def train(
     preset: str = "default",
     register: bool = False,
     tags: dict[str, str] | None = None,
+    init_from: str | Path | None = None,
 ) -> dict:
     """Train `model` (a tasks/registry.py name) on prep_dir's shards into out_dir; resume if out_dir holds a run.
 
@@ -354,13 +328,19 @@ def train(
     parent_run_id: the MLflow parent (flow) run; the training run is nested under it.
     preset: "default" (small, CPU-sized) or "tiny" (tests); model_overrides: any model config field on top.
     register: log the final model to MLflow and register it as "tessera-{model}".
+    init_from: a trained checkpoint of the model the registry names in `init` (CLIP: a ViT) whose weights start a
+    part of this model (CLIP's image-tower stem); read only on a fresh start, never on resume.
     Returns {"checkpoint", "run_id", "steps", "final_val_loss", "metrics", "model", "out_dir"}.
+    prep_dir may be an fsspec URL (s3://, gs://, memory://): its shards are streamed from there. out_dir is a local
+    folder (under DDP on several machines, one on a filesystem they share).
     """
+    if storage.is_remote(out_dir):
+        raise ValueError(f"out_dir={out_dir} is a URL; pass a local folder as out_dir (prep_dir may be a URL)")
     if (done := read_success(out_dir)) is not None:
         return done
     with _cpu_threads(train_cfg.cpu_threads):
-        return _train(model, Path(prep_dir), Path(out_dir), train_cfg, model_overrides, codebooks, parent_run_id,
-                      experiment, preset, register, tags)
+        return _train(model, storage.location(prep_dir), Path(out_dir), train_cfg, model_overrides, codebooks,
+                      parent_run_id, experiment, preset, register, tags, init_from)
 
 
 @contextlib.contextmanager
@@ -381,7 +361,7 @@ def _cpu_threads(n: int) -> Iterator[None]:
 
 
 def _train(model, prep_dir, out_dir, cfg, model_overrides, codebooks, parent_run_id, experiment, preset, register,
-           tags) -> dict:
+           tags, init_from=None) -> dict:
     s = spec(model)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = _device(cfg.device, local_rank)
@@ -418,6 +398,8 @@ def _train(model, prep_dir, out_dir, cfg, model_overrides, codebooks, parent_run
         net.load_state_dict(ckpt["state_dict"])
         opt.load_state_dict(ckpt["optimizer"])
         step, epoch, batch_pos, val = ckpt["step"], ckpt["epoch"], ckpt["batch"], dict(ckpt["val"])
+    elif init_from is not None:
+        init_part(net, model, Path(init_from))
     step_model: nn.Module = torch.compile(net) if cfg.compile else net
     if world > 1:
         step_model = DDP(step_model, device_ids=[local_rank] if device.type == "cuda" else None)
@@ -464,7 +446,10 @@ def _train(model, prep_dir, out_dir, cfg, model_overrides, codebooks, parent_run
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)
             for micro in range(cfg.grad_accum):
-                batch = to_device(s.make_batch(stream.next(), ctx), device)
+                batch = s.make_batch(stream.next(), ctx)
+                if cfg.augment and s.augment is not None:
+                    batch = s.augment(batch, ctx)
+                batch = to_device(batch, device)
                 sync = micro == cfg.grad_accum - 1 or world == 1
                 with (contextlib.nullcontext() if sync else step_model.no_sync()), autocast:
                     _, loss = step_model(batch)
@@ -488,7 +473,7 @@ def _train(model, prep_dir, out_dir, cfg, model_overrides, codebooks, parent_run
                                  "perf/mfu": sps * flops / peak if peak else 0.0, "data/epoch": stream.epoch}, step - 1)
                 print(f"[{model}] step {step}/{cfg.max_steps} loss {loss_sum.item():.4f} lr {lr:.2e} "
                       f"{sps:.0f} samples/s mfu {sps * flops / peak if peak else 0:.1%}", flush=True)
-                run.metrics.flush()
+                run.metrics.flush(wait=False)  # in the background; the flush before a checkpoint waits for it
             if master and val_urls and (step % cfg.eval_every == 0 or last):
                 val = evaluate(net, val_urls, ctx, model, cfg, device, autocast)
                 run.metrics.add(val, step - 1)

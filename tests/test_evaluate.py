@@ -17,6 +17,7 @@ from PIL import Image
 
 from models.vq import fit_kmeans
 from tasks import evaluate as ev
+from tasks import metrics as mt
 from tasks import roundtrip
 from tasks.audio_out import mel_config, mel_to_wave, wave_to_model_mel
 from tasks.codebook import save_codebook
@@ -71,26 +72,26 @@ def assert_png(path, min_bytes: int = 2000) -> None:
 
 # ---------------------------------------------------------------------------------------------------- metric functions
 def test_levenshtein_cer_wer():
-    assert ev.levenshtein("kitten", "sitting") == 3
-    assert ev.levenshtein("", "abc") == 3 and ev.levenshtein("abc", "") == 3 and ev.levenshtein("abc", "abc") == 0
-    assert ev.levenshtein("flaw", "lawn") == 2
-    assert ev.levenshtein(["a", "red", "circle"], ["a", "blue", "circle"]) == 1
-    assert ev.cer(["kitten"], ["sitting"]) == pytest.approx(3 / 6)
-    assert ev.wer(["a red circle", "star"], ["a blue circle", "star"]) == pytest.approx(1 / 4)
-    assert ev.cer(["A  Red circle"], ["a red circle "]) == 0.0  # case and spacing are normalised
-    assert ev.wer(["red square"], [""]) == 1.0
+    assert mt.levenshtein("kitten", "sitting") == 3
+    assert mt.levenshtein("", "abc") == 3 and mt.levenshtein("abc", "") == 3 and mt.levenshtein("abc", "abc") == 0
+    assert mt.levenshtein("flaw", "lawn") == 2
+    assert mt.levenshtein(["a", "red", "circle"], ["a", "blue", "circle"]) == 1
+    assert mt.cer(["kitten"], ["sitting"]) == pytest.approx(3 / 6)
+    assert mt.wer(["a red circle", "star"], ["a blue circle", "star"]) == pytest.approx(1 / 4)
+    assert mt.cer(["A  Red circle"], ["a red circle "]) == 0.0  # case and spacing are normalised
+    assert mt.wer(["red square"], [""]) == 1.0
 
 
 def test_perfect_classifier_is_diagonal():
     classes = ["circle", "square", "star", "cross"]
     labels = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 0])
     logits = 10 * torch.nn.functional.one_hot(labels, 4).float() + torch.rand(9, 4)
-    metrics, rows, cm = ev.classification_metrics(logits, labels, classes)
+    metrics, rows, cm = mt.classification_metrics(logits, labels, classes)
     assert metrics["accuracy"] == 1.0 and metrics["top5_accuracy"] == 1.0
     assert torch.equal(cm, torch.diag(torch.tensor([3, 2, 2, 2])))
     assert [r[:2] for r in rows] == [("circle", 3), ("square", 2), ("star", 2), ("cross", 2)]
     assert all(r[2] == 1.0 for r in rows)
-    wrong = ev.classification_metrics(logits.roll(1, dims=1), labels, classes)[0]
+    wrong = mt.classification_metrics(logits.roll(1, dims=1), labels, classes)[0]
     assert wrong["accuracy"] == 0.0 and wrong["top5_accuracy"] == 1.0  # 4 classes: top-5 holds them all
 
 
@@ -100,7 +101,7 @@ def test_zero_shot_prompt_ensemble_averages_normalised_embeddings():
     def encode(texts):  # a stub text tower: very different norms per prompt
         return torch.stack([table[t] for t in texts])
 
-    w = ev.zero_shot_weights(encode, [["a", "b"], ["c"]])
+    w = mt.zero_shot_weights(encode, [["a", "b"], ["c"]])
     assert w.shape == (2, 2)
     expect = torch.nn.functional.normalize(torch.tensor([0.5, 0.5]), dim=0)  # unweighted by the raw norms 10 and 1
     torch.testing.assert_close(w[:, 0], expect)
@@ -108,18 +109,18 @@ def test_zero_shot_prompt_ensemble_averages_normalised_embeddings():
 
 
 def test_label_sets_and_prompts():
-    sets = ev.label_sets()
+    sets = mt.label_sets()
     assert {k: len(v[0]) for k, v in sets.items()} == {"shape": 6, "colour": 6, "combo": 36}
-    assert all(len(p) == 6 * len(ev.TEMPLATES) for p in sets["shape"][1] + sets["colour"][1])
-    assert "a photo of an orange star." in ev.prompt_ensemble("orange star")
+    assert all(len(p) == 6 * len(mt.TEMPLATES) for p in sets["shape"][1] + sets["colour"][1])
+    assert "a photo of an orange star." in mt.prompt_ensemble("orange star")
     assert "a photo of a red circle." in sets["colour"][1][0]  # red's ensemble names red with every shape
     assert "a red circle" in roundtrip.default_prompts() and "an orange star" in roundtrip.default_prompts()
 
 
 def test_retrieval_recall():
-    assert ev.retrieval_recall(torch.eye(12)) == {1: 1.0, 5: 1.0, 10: 1.0}
+    assert mt.retrieval_recall(torch.eye(12)) == {1: 1.0, 5: 1.0, 10: 1.0}
     sim = torch.eye(12).flip(0) - torch.eye(12)  # every match scores lowest
-    assert ev.retrieval_recall(sim) == {1: 0.0, 5: 0.0, 10: 0.0}
+    assert mt.retrieval_recall(sim) == {1: 0.0, 5: 0.0, 10: 0.0}
 
 
 @pytest.mark.parametrize("cfg, freq", [(MelConfig(), 440.0), (MelConfig(n_mels=64, n_frames=64), 1500.0)])

@@ -1,0 +1,57 @@
+"""Train-time augmentation on collated batches, the anchors' recipes at the built-in data's scale.
+
+- images (ViT, DeiT/timm): random translation (replicate-pad, random crop back) and horizontal flips;
+  CLIP gets the translation only, since its captions name left and right;
+- log-mels (AST, as in its Speech Commands recipe): SpecAugment frequency and time masks (Park et al. 2019) and
+  mixup (Zhang et al. 2018) with soft targets, which `F.cross_entropy` takes as class probabilities.
+
+Every draw comes from torch's global RNG, which the trainer checkpoints (tasks/train.py `rng_state`), so a resumed
+run augments exactly as the uninterrupted one. Generative models get no augmentation: their targets are the
+inputs. The trainer applies the model's augmentation when `TrainConfig.augment` is on (registry `augment`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def shift_flip(images: torch.Tensor, max_shift: int = 4, flip: bool = True) -> torch.Tensor:
+    """(B, C, H, W) -> same shape: each image moved by up to max_shift pixels each way (edges replicated), and
+    mirrored left-right with probability 1/2 when flip."""
+    B, _, H, W = images.shape
+    s = max_shift
+    if s > 0:
+        padded = F.pad(images, (s, s, s, s), mode="replicate")  # (B, C, H + 2s, W + 2s)
+        dy, dx = torch.randint(0, 2 * s + 1, (2, B)).tolist()
+        images = torch.stack([padded[i, :, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(B)])
+    if flip:
+        mirror = torch.rand(B) < 0.5
+        images = torch.where(mirror[:, None, None, None], images.flip(-1), images)
+    return images
+
+
+def spec_augment(mel: torch.Tensor, freq_mask: int = 16, time_mask: int = 16, n_masks: int = 1) -> torch.Tensor:
+    """(B, n_mels, n_frames) -> same shape with n_masks frequency bands of up to freq_mask bins and n_masks time
+    spans of up to time_mask frames set to 0 (the normalised mean) per sample."""
+    B, F_, T = mel.shape
+    keep = torch.ones(B, F_, T, dtype=torch.bool)
+    bins, frames = torch.arange(F_)[None, :, None], torch.arange(T)[None, None, :]
+    for size, n, axis in ((freq_mask, F_, bins), (time_mask, T, frames)):
+        for _ in range(n_masks if size > 0 else 0):
+            width = torch.randint(0, min(size, n) + 1, (B, 1, 1))
+            start = (torch.rand(B, 1, 1) * (n - width + 1)).long()
+            keep &= ~((axis >= start) & (axis < start + width))
+    return mel * keep
+
+
+def mixup(x: torch.Tensor, labels: torch.Tensor, n_classes: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend each sample with a shuffled partner: x' = lam x + (1 - lam) x[perm], targets likewise (B, n_classes).
+
+    lam ~ Beta(alpha, alpha), one per batch as in the reference implementation."""
+    target = F.one_hot(labels, n_classes).float()
+    if alpha <= 0:
+        return x, target
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(len(x))
+    return lam * x + (1 - lam) * x[perm], lam * target + (1 - lam) * target[perm]

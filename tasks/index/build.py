@@ -1,0 +1,177 @@
+"""Build the index directory: embed every prepped image and caption, index the images, write the files and their
+provenance atomically. The prep dir, the checkpoint and the output may each be a path or an fsspec URL."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks import storage
+from tasks.common import (
+    atomic_dir,
+    code_version,
+    digest,
+    file_sha256,
+    progress,
+    read_success,
+    require_finished,
+    tree_digest,
+    write_json,
+)
+from tasks.index.ann import IndexConfig, build_faiss
+from tasks.index.embed import device, embed_images, embed_texts, load_clip
+from tasks.shards import read_samples
+
+INDEX_FILE = "index.faiss"
+ROWS_FILE = "rows.parquet"
+EMBEDDINGS_FILE = "embeddings.parquet"
+PROVENANCE_FILE = "provenance.json"
+
+
+def index_code_version() -> str:
+    """Digest of the index package's source (every module in it): part of the output key and the provenance."""
+    return code_version(sys.modules[__package__])
+
+
+def prep_digest(prep_dir: Path | str) -> str:
+    record = read_success(prep_dir)
+    return record["digest"] if record and "digest" in record else tree_digest(prep_dir)
+
+
+def image_stats(prep_dir: Path | str) -> dict:
+    stats_path = storage.join(prep_dir, "stats.json")
+    if not storage.isfile(stats_path):
+        raise FileNotFoundError(f"{stats_path} does not exist; is {prep_dir} a finished preprocess output?")
+    image = json.loads(storage.read_text(stats_path)).get("image")
+    if not image:
+        raise ValueError(f"{stats_path} has no image statistics: the prep dir holds no images to index")
+    return {"size": int(image["size"]), "mean": list(image["mean"]), "std": list(image["std"])}
+
+
+def prepped_images(prep_dir: Path | str) -> Iterator[tuple[dict, np.ndarray]]:
+    """(row metadata, uint8 image (3, S, S)) for every image of every split, shard by shard in name order."""
+    require_finished(prep_dir)
+    for tar in storage.glob(storage.join(prep_dir, "image"), "*.tar"):
+        name = storage.name(tar)
+        split = name.rsplit("-", 1)[0]  # {split}-000000.tar
+        shard = f"image/{name}"  # relative to the prep dir
+        for pos, s in enumerate(read_samples([tar])):
+            info = json.loads(s["json"])
+            row = {"key": s["__key__"], "split": split, "label": info.get("label"),
+                   "label_id": int(info.get("label_id", -1)), "caption": info.get("text") or None,
+                   "shard": shard, "shard_index": pos}
+            yield row, np.load(io.BytesIO(s["img.npy"]))
+
+
+def _batches(items: Iterator, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _vector_column(x: np.ndarray) -> pa.FixedSizeListArray:
+    """(n, E) float32 -> fixed_size_list<float32>[E]."""
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), x.shape[1])
+
+
+def _absolute(loc: Path | str) -> Path | str:
+    loc = storage.location(loc)
+    return loc.resolve() if isinstance(loc, Path) else loc
+
+
+def index_dir(root: Path | str, prep_dir: Path | str, checkpoint: Path | str, cfg: IndexConfig) -> Path | str:
+    """The content-addressed output directory for an index of `prep_dir` by `checkpoint` under `root`."""
+    key = digest(prep_digest(prep_dir), file_sha256(checkpoint), cfg, index_code_version())
+    return storage.join(root, "index", key)
+
+
+def build_index(prep_dir: Path | str, checkpoint: Path | str, out_dir: Path | str,
+                cfg: IndexConfig = IndexConfig()) -> dict:
+    """Embed every prepped image and caption with the CLIP at `checkpoint`, index the images, write `out_dir`.
+
+    Returns the `_SUCCESS` record: digest, n, dim, n_captions, index type, recall (None when exact).
+    """
+    prep_dir, checkpoint = _absolute(prep_dir), _absolute(checkpoint)
+    stats = image_stats(prep_dir)
+    dev = device(cfg.device)
+    model, model_sha = load_clip(checkpoint, dev)
+
+    rows: list[dict] = []
+    image_emb: list[np.ndarray] = []
+    text_emb: list[np.ndarray] = []
+    has_text: list[np.ndarray] = []
+    for batch in progress(_batches(prepped_images(prep_dir), cfg.batch_size), desc="index/embed", unit="batch"):
+        meta = [r for r, _ in batch]
+        image_emb.append(embed_images(model, np.stack([img for _, img in batch]), stats["mean"], stats["std"],
+                                      dev, cfg.bf16))
+        captioned = np.array([r["caption"] is not None for r in meta])
+        t = np.zeros_like(image_emb[-1])
+        if captioned.any():
+            t[captioned] = embed_texts(model, [r["caption"] for r in meta if r["caption"] is not None], dev,
+                                       cfg.bf16)
+        text_emb.append(t)
+        has_text.append(captioned)
+        rows.extend(meta)
+    if not rows:
+        raise ValueError(f"{storage.join(prep_dir, 'image')} holds no image shards: nothing to index")
+    img = np.concatenate(image_emb)  # (n, E)
+    txt = np.concatenate(text_emb)  # (n, E), zeros where there is no caption
+    valid = np.concatenate(has_text)  # (n,)
+    for i, r in enumerate(rows):
+        r["id"] = i
+
+    # the recall sample mixes image->image and caption->image queries, the two ways the index is searched
+    rng = np.random.default_rng(cfg.seed)
+    half = min(cfg.recall_queries // 2, len(img))
+    queries = np.concatenate([img[rng.choice(len(img), half, replace=False)],
+                              txt[valid][rng.choice(int(valid.sum()), min(half, int(valid.sum())), replace=False)]])
+    index, info = build_faiss(img, cfg, queries=queries if len(queries) else None)
+
+    row_cols = ["id", "key", "split", "label", "label_id", "caption", "shard", "shard_index"]
+    row_schema = pa.schema([("id", pa.int64()), ("key", pa.string()), ("split", pa.string()),
+                            ("label", pa.string()), ("label_id", pa.int32()), ("caption", pa.string()),
+                            ("shard", pa.string()), ("shard_index", pa.int32())])
+    rows_table = pa.Table.from_pylist([{c: r[c] for c in row_cols} for r in rows], schema=row_schema)
+    emb_table = rows_table.select(["id", "key", "split", "label", "caption"])
+    emb_table = emb_table.append_column("has_caption", pa.array(valid))
+    emb_table = emb_table.append_column("image_emb", _vector_column(img))
+    emb_table = emb_table.append_column("text_emb", _vector_column(txt))
+
+    record: dict = {}
+    with atomic_dir(out_dir, record) as tmp:
+        faiss.write_index(index, str(tmp / INDEX_FILE))
+        pq.write_table(rows_table, tmp / ROWS_FILE)
+        pq.write_table(emb_table, tmp / EMBEDDINGS_FILE)
+        files = {name: file_sha256(tmp / name) for name in (INDEX_FILE, ROWS_FILE, EMBEDDINGS_FILE)}
+        provenance = {
+            "files": files,
+            "model": {"checkpoint": str(checkpoint), "sha256": model_sha, "config": dataclasses.asdict(model.cfg)},
+            "index": {k: info[k] for k in ("type", "metric", "params", "recall")},
+            "n": info["n"],
+            "dim": info["dim"],
+            "n_captions": int(valid.sum()),
+            "prep": {"path": str(prep_dir), "digest": prep_digest(prep_dir)},
+            "image": stats,
+            "config": cfg,
+            "code_version": index_code_version(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        write_json(tmp / PROVENANCE_FILE, provenance)
+        record.update(digest=digest(files, model_sha, n=32), n=info["n"], dim=info["dim"],
+                      n_captions=int(valid.sum()), index_type=info["type"], recall=info["recall"])
+    return record

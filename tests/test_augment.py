@@ -1,0 +1,141 @@
+"""Train-time augmentation (tasks/augment.py) and the convolutional stem it pairs with (models/embeddings.py)."""
+
+import pytest
+import torch
+
+from models.embeddings import ConvStem, PatchEmbed
+from models.vit import ViT, ViTConfig
+from tasks import augment
+from tasks.registry import MODELS
+
+
+def test_shift_flip_moves_each_image_within_bounds():
+    torch.manual_seed(0)
+    x = torch.zeros(16, 3, 16, 16)
+    x[:, :, 8, 8] = 1.0  # one bright pixel in the middle of a black image
+    y = augment.shift_flip(x, max_shift=3, flip=False)
+    assert y.shape == x.shape
+    for img in y:
+        (r, c), = img[0].nonzero().tolist()
+        assert abs(r - 8) <= 3 and abs(c - 8) <= 3
+        assert torch.equal(img[0], img[1])  # the same move for every channel
+    assert len({tuple(img[0].nonzero()[0].tolist()) for img in y}) > 1  # not the same move for every image
+
+
+def test_shift_flip_replicates_the_border_and_flips():
+    torch.manual_seed(0)
+    x = torch.full((8, 1, 8, 8), 0.5)
+    assert torch.equal(augment.shift_flip(x, max_shift=2, flip=True), x)  # a plain image stays plain
+    ramp = torch.arange(8.0).expand(64, 1, 8, 8)
+    y = augment.shift_flip(ramp, max_shift=0, flip=True)
+    flipped = (y == ramp.flip(-1)).flatten(1).all(1)
+    kept = (y == ramp).flatten(1).all(1)
+    assert (flipped | kept).all() and 10 < int(flipped.sum()) < 54
+    assert torch.equal(augment.shift_flip(ramp, max_shift=0, flip=False), ramp)
+
+
+def test_shift_flip_is_reproducible_from_the_global_seed():
+    x = torch.randn(4, 3, 8, 8)
+    torch.manual_seed(1)
+    a = augment.shift_flip(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, augment.shift_flip(x))
+
+
+def test_spec_augment_masks_at_most_the_asked_bands():
+    torch.manual_seed(0)
+    mel = torch.ones(32, 20, 30)
+    out = augment.spec_augment(mel, freq_mask=5, time_mask=7)
+    for m in out:
+        zero_rows = int((m == 0).all(1).sum())  # fully masked frequency bins
+        zero_cols = int((m == 0).all(0).sum())  # fully masked frames
+        assert zero_rows <= 5 and zero_cols <= 7
+    assert (out == 0).any()
+    assert torch.equal(augment.spec_augment(mel, freq_mask=0, time_mask=0), mel)
+
+
+def test_mixup_blends_inputs_and_targets_alike():
+    torch.manual_seed(0)
+    x = torch.eye(4)[:, :, None].expand(4, 4, 3).clone()  # sample i is one-hot at i
+    labels = torch.arange(4)
+    y, target = augment.mixup(x, labels, n_classes=4, alpha=0.4)
+    assert torch.allclose(target.sum(1), torch.ones(4))
+    assert torch.allclose(y[:, :, 0], target)  # the inputs were one-hot in their labels, so they mix the same way
+    same, onehot = augment.mixup(x, labels, n_classes=4, alpha=0.0)
+    assert torch.equal(same, x) and torch.equal(onehot, torch.eye(4))
+
+
+def test_generative_models_are_never_augmented():
+    assert {n for n, s in MODELS.items() if s.augment is not None} == {"vit", "ast"}
+    for n in ("imagegpt", "t2i", "tts", "asr"):
+        assert MODELS[n].augment is None
+
+
+@pytest.mark.parametrize("patch", [4, 8])
+def test_conv_stem_has_the_patch_grid(patch):
+    stem, flat = ConvStem(3, 64, patch), PatchEmbed(3, 64, patch)
+    x = torch.randn(2, 3, 32, 32)
+    assert stem(x).shape == flat(x).shape == (2, (32 // patch) ** 2, 64)
+    assert stem.grid(32, 32) == flat.grid(32, 32)
+    assert stem.flops(32, 32) > flat.flops(32, 32)
+
+
+def test_conv_stem_rejects_a_patch_it_cannot_build():
+    with pytest.raises(ValueError, match="power-of-two"):
+        ConvStem(3, 64, 6)
+    with pytest.raises(ValueError, match="stem"):
+        ViT(ViTConfig(stem="resnet"))
+
+
+def test_vit_with_conv_stem_trains():
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(img_size=16, patch_size=4, dim=32, depth=1, n_heads=2, n_classes=2, stem="conv"))
+    x = torch.randn(8, 3, 16, 16)
+    batch = {"image": x, "label": (x.mean((1, 2, 3)) > 0).long()}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = model(batch)[1].item()
+    for _ in range(30):
+        opt.zero_grad()
+        model(batch)[1].backward()
+        opt.step()
+    assert model(batch)[1].item() < 0.5 * first
+
+
+# ---------------------------------------------------------------------------------------------------- init_from
+def _vit_ckpt(tmp_path, dim=32):
+    from tasks.checkpoint import save_checkpoint
+
+    torch.manual_seed(1)
+    vit = ViT(ViTConfig(img_size=16, patch_size=4, dim=dim, depth=1, n_heads=2, n_classes=3, stem="conv"))
+    save_checkpoint(tmp_path / "vit.pt", {"model": "vit", "state_dict": vit.state_dict()})
+    return vit, tmp_path / "vit.pt"
+
+
+def test_clip_stem_starts_from_the_trained_vit(tmp_path):
+    from models.clip import CLIP, CLIPConfig
+    from tasks.train import init_part
+
+    vit, path = _vit_ckpt(tmp_path)
+    clip = CLIP(CLIPConfig(img_size=16, patch_size=4, vision_stem="conv", vision_dim=32, vision_depth=1,
+                           vision_heads=2, text_dim=32, text_depth=1, text_heads=2, context_len=16, embed_dim=16))
+    before = {k: v.clone() for k, v in clip.state_dict().items()}
+    n = init_part(clip, "clip", path)
+    after = clip.state_dict()
+    stem = [k for k in after if k.startswith("visual.patch_embed.")]
+    assert n == len(stem) > 0
+    for k in stem:
+        assert torch.equal(after[k], vit.state_dict()["encoder." + k.removeprefix("visual.")])
+    assert all(torch.equal(after[k], before[k]) for k in after if k not in stem)  # nothing else moved
+
+
+def test_init_from_a_mismatched_or_wrong_checkpoint_is_a_clear_error(tmp_path):
+    from models.clip import CLIP, CLIPConfig
+    from tasks.train import init_part
+
+    _, path = _vit_ckpt(tmp_path, dim=32)
+    wide = CLIP(CLIPConfig(img_size=16, patch_size=4, vision_stem="conv", vision_dim=64, vision_depth=1,
+                           vision_heads=2, text_dim=32, text_depth=1, text_heads=2, context_len=16, embed_dim=16))
+    with pytest.raises(ValueError, match="same tower sizes"):
+        init_part(wide, "clip", path)
+    with pytest.raises(ValueError, match="takes no init_from"):
+        init_part(ViT(ViTConfig()), "vit", path)
