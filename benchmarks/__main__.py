@@ -62,14 +62,16 @@ def details(result: dict) -> list[str]:
         peak = train[0]["extra"]["peak_flops"]
         lines += ["", f"Training (CPU, {train[0]['extra']['threads']} torch thread, as the trainer runs; matmul peaks "
                   f"fp32 {peak['fp32'] / 1e9:.1f}, bf16 {peak['bf16'] / 1e9:.1f} GFLOP/s):", "",
-                  "| model | config | params (M) | MFLOP/sample | samples/s | GFLOP/s | MFU (fp32 peak) | MFU (bf16 peak) |",
+                  "| model | config | params (M) | MFLOP/sample | samples/s | GFLOP/s | MFU (fp32 peak) "
+                  "| MFU (bf16 peak) |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in train:
             x = r["extra"]
             for size in ("default", "larger"):
                 s = x[size]
-                lines.append(f"| {r['name'].removeprefix('training_mfu_')} | {size} {s['config'] if size == 'larger' else ''} | "
-                             f"{s['n_params'] / 1e6:.2f} | {s['flops_per_sample'] / 1e6:.1f} | {s['samples_per_s']:.1f} | "
+                config = f"{size} {s['config']}" if size == "larger" else size
+                lines.append(f"| {r['name'].removeprefix('training_mfu_')} | {config} | {s['n_params'] / 1e6:.2f} | "
+                             f"{s['flops_per_sample'] / 1e6:.1f} | {s['samples_per_s']:.1f} | "
                              f"{s['samples_per_s'] * s['flops_per_sample'] / 1e9:.1f} | "
                              f"{s['samples_per_s'] * s['flops_per_sample'] / peak['fp32']:.3f} | "
                              f"{x['mfu_vs_bf16_peak'][size]:.3g} |")
@@ -80,8 +82,8 @@ def details(result: dict) -> list[str]:
                   "| stage | " + " | ".join(f"{s}x" for s in scales) + " | slope |",
                   "|---|" + "---|" * (len(scales) + 1)]
         for r in scaling:
-            lines.append(f"| {r['name'].removeprefix('scaling_')} | " + " | ".join(f"{t:.2f}" for t in r["extra"]["seconds"])
-                         + f" | {r['ratio']:.2f} |")
+            seconds = " | ".join(f"{t:.2f}" for t in r["extra"]["seconds"])
+            lines.append(f"| {r['name'].removeprefix('scaling_')} | {seconds} | {r['ratio']:.2f} |")
         lines += ["", "![time per stage vs dataset size](scaling.png)"]
     if any(r["passed"] is not None for r in result["rows"]):
         lines += ["", "Margin to target per row (1 = on the target; right of it = pass): "
@@ -111,7 +113,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['name']} | {r['sizes']} | {r['baseline']} | {r['candidate']} | {fmt_ratio(r['ratio'])} | "
                      f"{r['metric']} | {r['target']} | {verdict(r['passed'])} | {r['note']} |")
     for r in result["not_measured"]:
-        lines.append(f"| {r['name']} | — | — | — | — | {r['what']} | — | {r['status']} | {r.get('note', '')} |")
+        lines.append(f"| {r['name']} | — | — | — | — | {r['what']} | — | {r['status']} | "
+                     f"{r.get('note', '')} |")
     for e in result["errors"]:
         lines.append(f"| {e['name']} | — | — | — | — | — | — | ERROR | {e['error']} |")
     lines += details(result)

@@ -102,7 +102,8 @@ class _Nothing(IterableDataset):
 
 def _loader(ds: Dataset, modality: str, ctx: BatchContext, batch: int) -> DataLoader:
     return DataLoader(ds, batch_size=batch, shuffle=True, drop_last=True, num_workers=WORKERS,
-                      collate_fn=lambda items: collate(modality, items, ctx), generator=torch.Generator().manual_seed(0))
+                      collate_fn=lambda items: collate(modality, items, ctx),
+                      generator=torch.Generator().manual_seed(0))
 
 
 def run(quick: bool = False) -> list[Row]:

@@ -150,24 +150,46 @@ def measure(work: Path, quick: bool, dest: Path | None = None) -> dict:
     def empty() -> int:
         return 0
 
-    @task(name="bench-noop")
+    work_s = 0.05 if quick else 2.0  # longer than a second: Prefect's concurrency-lease costs show up then
+
+    @task(name="bench-sleep")
     def noop(i: int) -> int:
+        time.sleep(work_s)  # a task that takes a while (a lease or heartbeat thread then runs) but uses no CPU
         return i
 
-    @flow(name="bench-noop-tasks")
-    def noops(n: int) -> int:
-        return sum(noop(i) for i in range(n))
+    @flow(name="bench-task-costs")
+    def task_costs(n: int, options: dict, start: int) -> list[float]:
+        """Seconds Prefect adds to each of n calls of a sleeping task with these options, timed inside the flow
+        (inputs start, start + 1, ...: never seen before, so never a cache hit)."""
+        one = noop.with_options(**options)
+        out = []
+        for i in range(start, start + n):
+            t0 = time.perf_counter()
+            one(i)
+            out.append(time.perf_counter() - t0 - work_s)
+        return out
 
     t0 = time.perf_counter()
     empty()
     save(server_start_s=time.perf_counter() - t0)
-    fixed = {"empty_flow": [], "flow_10_noop_tasks": []}
-    for _ in range(1 if quick else 3):  # Prefect's fixed costs: a flow run, and a task run that does nothing
-        for name, call in (("empty_flow", empty), ("flow_10_noop_tasks", lambda: noops(10))):
-            t0 = time.perf_counter()
-            call()
-            fixed[name].append(time.perf_counter() - t0)
-    save(fixed=fixed)
+    # Prefect's fixed costs: a flow run, and a task run (one that sleeps): with Prefect's default options, with the
+    # project's (content-digest cache policy, persisted result: tasks/data.py `stage`), and with the train task's
+    # concurrency tag as well (tasks/stages.py)
+    import tasks.common
+    from tasks.data import stage
+    from tasks.stages import train_model
+
+    project = stage(tasks.common)
+    kinds = {"default": {}, "project": project, "project_train_tags": {**project, "tags": list(train_model.tags)}}
+    fixed: dict = {"empty_flow": [], **{k: [] for k in kinds}}
+    n = 2 if quick else 3
+    for rep in range(1 if quick else 2):
+        t0 = time.perf_counter()
+        empty()
+        fixed["empty_flow"].append(time.perf_counter() - t0)
+        for j, (k, options) in enumerate(kinds.items()):
+            fixed[k] += task_costs(n, options, (rep * len(kinds) + j) * n)
+    save(fixed=fixed, train_tags=list(train_model.tags), work_s=work_s)
     _, prep, _ = build(work / "mlflow-data", 24 if quick else 400, 4, maxcount=16 if quick else 100)
     save(mlflow=mlflow_share(prep, work / "mlflow-train", quick))
     counts: dict[str, int] = {}
@@ -240,7 +262,8 @@ def rows_of(r: dict, quick: bool) -> list[Row]:
     n_tasks = r["calls"].get("tasks", 0)
     n_runs = n_tasks + r["calls"].get("flows", 0)
     flow_s = median(r["fixed"]["empty_flow"])
-    task_ms = (median(r["fixed"]["flow_10_noop_tasks"]) - flow_s) / 10 * 1e3
+    task_ms = {k: median(r["fixed"][k]) * 1e3 for k in ("default", "project", "project_train_tags")}
+    tag_max_ms = max(r["fixed"]["project_train_tags"]) * 1e3
     size = ("data flow, 16 images + 8 clips" if quick else
             f"pipeline flow, 72 images + 36 clips, tiny {'/'.join(MODELS)} (6 steps), eval, round trips, CLIP index")
     sizes = f"{size}; {n_tasks} task runs + {r['calls'].get('flows', 0)} flow runs"
@@ -248,10 +271,14 @@ def rows_of(r: dict, quick: bool) -> list[Row]:
     ratio = t["prefect"] / t["plain"]
     per_task_ms = (t["prefect"] - t["plain"]) / max(n_runs, 1) * 1e3
     passed = check(ratio, TARGETS["prefect"])
-    note = (f"{per_task_ms:.0f} ms more per task/flow run in this pipeline; measured alone, a task run that does "
-            f"nothing costs {task_ms:.0f} ms and an empty flow run {flow_s * 1e3:.0f} ms (its exit waits for the flow's "
-            f"heartbeat thread, which sleeps in 1 s steps); the temporary API server's start "
-            f"({r['server_start_s']:.1f} s) is not counted")
+    tags = ", ".join(r.get("train_tags") or []) or "none"
+    note = (f"{per_task_ms:.0f} ms more per task/flow run in this pipeline; measured alone, Prefect adds per run of a "
+            f"task that only sleeps {r.get('work_s', 0):g} s: {task_ms['default']:.0f} ms with Prefect's default "
+            f"options, {task_ms['project']:.0f} ms with the project's (content-digest cache key, persisted result), "
+            f"{task_ms['project_train_tags']:.0f} ms (up to {tag_max_ms:.0f} ms) with the train task's concurrency tag "
+            f"too ({tags}: a slot lease through the API per run, even with no limit set), and an empty flow run "
+            f"{flow_s * 1e3:.0f} ms (its exit waits for the flow's heartbeat thread, which sleeps in 1 s steps); the "
+            f"temporary API server's start ({r['server_start_s']:.1f} s) is not counted")
     if not passed:
         note = (f"miss: Prefect adds {100 * (ratio - 1):.1f}% to a run whose {n_runs} task and flow runs take "
                 f"{t['plain'] / max(n_runs, 1):.1f} s each on average: fixed costs per run (state changes through "
@@ -261,14 +288,17 @@ def rows_of(r: dict, quick: bool) -> list[Row]:
                     TARGETS["prefect"], passed, note,
                     extra={"seconds": r["times"], "per_task_ms": per_task_ms, "server_start_s": r["server_start_s"],
                            "calls": r["calls"], "fixed_s": r["fixed"], "noop_task_ms": task_ms,
+                           "train_tags": r.get("train_tags"),
                            "empty_flow_s": flow_s}))
     ratio = r["cached_s"] / r["times"]["prefect"][0]
     passed = check(ratio, TARGETS["cached"])
     states = ", ".join(f"{v} {k}" for k, v in sorted(r["cached_states"].items()))
     note = f"task states of the re-run: {states}"
     if not passed:
-        note = (f"miss: the cached re-run takes {100 * ratio:.1f}% of the first, {r['cached_s']:.1f} s: the fixed costs "
-                f"of {n_runs} task and flow runs (above: {task_ms:.0f} ms a task, {flow_s * 1e3:.0f} ms a flow) and the "
+        note = (f"miss: the cached re-run takes {100 * ratio:.1f}% of the first, {r['cached_s']:.1f} s: the fixed "
+                f"costs of {n_runs} task and flow runs (above: {task_ms['project']:.0f} ms a task, "
+                f"{flow_s * 1e3:.0f} ms a flow) "
+                "and the "
                 "pipeline's parent MLflow run stay, and the first run is only "
                 f"{r['times']['prefect'][0]:.0f} s of work; " + note)
     rows.append(Row("cached_rerun", "time ratio (cached re-run s / first run s)", sizes,

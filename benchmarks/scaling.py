@@ -12,8 +12,9 @@ Stages, with the pipeline's default configs and the plain functions the Prefect 
     index        tasks.index.build_index: embed every image and caption with a CLIP (default size, untrained: the
                  cost does not depend on the weights) and index them (exact below 50k images)
 
-The slope of log(seconds) against log(scale), fitted by least squares over the three sizes, is <= 1 for a stage that
-grows no faster than linearly (fixed costs make small sizes relatively slow, so slopes below 1 are expected).
+Each size runs twice (1x, 2x, 4x, then again) and the faster run counts. The slope of log(seconds) against
+log(scale), fitted by least squares over the three sizes, is <= 1 for a stage that grows no faster than linearly
+(fixed costs make small sizes relatively slow, so slopes below 1 are expected).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tasks.registry import BatchContext, DataInfo, configure, spec
 from tasks.train import TrainConfig, make_optimizer
 
 SCALES = (1, 2, 4)
+REPS = 2
 TARGET = "<= 1"
 STAGES = ("generate", "ingest", "shard", "preprocess", "codebooks", "train_epoch", "index")
 
@@ -115,11 +117,14 @@ def run(quick: bool = False, out: Path | None = None) -> list[Row]:
     d = synthetic.SyntheticConfig()
     n_images, n_audio = (8, 4) if quick else (d.n_images, d.n_audio)
     base = f"{n_images} images + {n_audio} clips"
-    per_scale = {}
-    with tempfile.TemporaryDirectory(prefix="tessera-bench-scale-") as tmp, torch_threads(TrainConfig().cpu_threads):
+    runs: dict[int, list[dict[str, float]]] = {s: [] for s in SCALES}
+    for rep in range(1 if quick else REPS):  # sizes in turn, then again: a load spike hits one run, not one size
         for s in SCALES:
-            per_scale[s] = stages(Path(tmp) / f"x{s}", n_images * s, n_audio * s, quick)
-    times = {stage: [per_scale[s][stage] for s in SCALES] for stage in STAGES}
+            with tempfile.TemporaryDirectory(prefix="tessera-bench-scale-") as tmp, \
+                    torch_threads(TrainConfig().cpu_threads):
+                runs[s].append(stages(Path(tmp), n_images * s, n_audio * s, quick))
+    # the fastest of the runs: other jobs on the shared cores only ever add time
+    times = {stage: [min(r[stage] for r in runs[s]) for s in SCALES] for stage in STAGES}
     slopes = {stage: slope(list(SCALES), ts) for stage, ts in times.items()}
     if out is not None:
         plot(list(SCALES), times, slopes, base, Path(out) / "scaling.png")
@@ -129,11 +134,13 @@ def run(quick: bool = False, out: Path | None = None) -> list[Row]:
         passed = check(b, TARGET)
         note = f"seconds at {', '.join(f'{s}x' for s in SCALES)}: {', '.join(f'{t:.2f}' for t in ts)}"
         if not passed:
-            why = ("one run per size on shared cores: a slope this close to 1 is within the noise of linear" if b < 1.15
-                   else "this stage grows faster than its data")
+            why = ("on shared cores a slope this close to 1 is within the noise of linear" if b < 1.1
+                   else "the stage makes one pass over its items, so no loop in its code explains it; not investigated "
+                        "further (disk and page-cache effects at the largest size are a suspect)")
             note = f"miss: slope {b:.2f}, time grows {ts[-1] / ts[0]:.2f}x for 4x the data; {why}; " + note
         rows.append(Row(f"scaling_{stage}", "fitted log-log slope (seconds vs dataset size)",
                         f"1x, 2x, 4x of {base}; {TrainConfig().cpu_threads} torch thread(s)",
                         f"1x: {ts[0]:.2f} s", f"4x: {ts[-1]:.2f} s", round(b, 3), TARGET, passed, note,
-                        extra={"scales": list(SCALES), "seconds": ts}))
+                        extra={"scales": list(SCALES), "seconds": ts,
+                               "runs": [[r[stage] for r in runs[s]] for s in SCALES]}))
     return rows

@@ -91,7 +91,7 @@ def step_rate(name: str, prep: Path, codebooks: dict, preset: str, overrides: di
     sps = batch_size / median(times)
     return {"samples_per_s": sps, "step_s": median(times), "step_times": times, "first_step_s": first,
             "flops_per_sample": net.flops_per_sample(train=True), "n_params": sum(p.numel() for p in net.parameters()),
-            "batch_size": batch_size, "config": overrides or preset}
+            "batch_size": batch_size, "config": overrides or preset, "tokens": spec(name).tokens(cfg)}
 
 
 def run(quick: bool = False) -> list[Row]:
@@ -118,13 +118,14 @@ def run(quick: bool = False) -> list[Row]:
             note = (f"{peak_note}; trained in {best_dtype} (the faster here); MFU against the bf16 peak alone: "
                     f"default {mfu_bf16['default']:.3g}, larger {mfu_bf16['larger']:.3g}")
             if passed is False:
-                note = (f"miss: the larger ViT ({res['larger']['flops_per_sample'] / 1e6:.0f} MFLOP/sample) reaches "
-                        f"{mfu['larger']:.2f} of the {best_dtype} peak: its matrices (batch x 17 tokens by 256..1024) "
-                        "are small next to the 1024+ squares the peak is measured on, and attention, LayerNorm, GELU, "
-                        "softmax and AdamW are memory-bound work that adds time but no counted FLOPs; " + note)
+                note = (f"miss: the larger ViT ({res['larger']['flops_per_sample'] / 1e6:.0f} MFLOP/sample, "
+                        f"{res['larger']['tokens']} tokens) reaches {mfu['larger']:.2f} of the {best_dtype} peak: its "
+                        "matrices are small next to the 1024+ squares the peak is measured on, and attention, "
+                        "LayerNorm, GELU, softmax and AdamW are memory-bound work that adds time but no counted FLOPs; "
+                        + note)
             rows.append(Row(
-                f"training_mfu_{name}", f"MFU (model FLOP/s / {best_dtype} peak) at the larger config", 
-                f"batch {bs}; default {preset} ({res['default']['n_params'] / 1e6:.2f} M params, "
+                f"training_mfu_{name}", f"MFU (model FLOP/s / {best_dtype} peak) at the larger config",
+                f"batch {bs}; default: {preset} preset ({res['default']['n_params'] / 1e6:.2f} M params, "
                 f"{res['default']['flops_per_sample'] / 1e6:.1f} MFLOP/sample); larger {larger[name]} "
                 f"({res['larger']['n_params'] / 1e6:.2f} M params, {res['larger']['flops_per_sample'] / 1e6:.1f} "
                 "MFLOP/sample)",
