@@ -103,6 +103,7 @@ def plot(scales: list[int], times: dict[str, list[float]], slopes: dict[str, flo
     lo = min(min(ts) for ts in times.values())
     ax.loglog(scales, [lo * s / scales[0] for s in scales], "k--", lw=1, label="linear (slope 1)")
     ax.set_xticks(scales, [f"{s}x" for s in scales])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel(f"dataset size (1x = {base})")
     ax.set_ylabel("seconds")
     ax.set_title("tessera: time per stage vs dataset size")
