@@ -10,11 +10,12 @@ import os
 import platform
 import statistics
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
+
+from tasks.train import cpu_threads
 
 
 @dataclass
@@ -60,16 +61,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -
     return times
 
 
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """torch's intra-op thread count inside the block (0: leave it), restored after."""
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+torch_threads = cpu_threads  # the trainer's context manager: torch's thread count inside a block, restored after
 
 
 def median(xs: list[float]) -> float:

@@ -338,13 +338,13 @@ def train(
         raise ValueError(f"out_dir={out_dir} is a URL; pass a local folder as out_dir (prep_dir may be a URL)")
     if (done := read_success(out_dir)) is not None:
         return done
-    with _cpu_threads(train_cfg.cpu_threads):
+    with cpu_threads(train_cfg.cpu_threads):
         return _train(model, storage.location(prep_dir), Path(out_dir), train_cfg, model_overrides, codebooks,
                       parent_run_id, experiment, preset, register, tags, init_from)
 
 
 @contextlib.contextmanager
-def _cpu_threads(n: int) -> Iterator[None]:
+def cpu_threads(n: int) -> Iterator[None]:
     """torch's intra-op thread count for the duration of a run (0: leave it), restored afterwards.
 
     Measured on the project's shared two-core machines (2026-11-29), a default-size ViT step (batch 64): one thread
