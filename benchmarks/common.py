@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from tasks.train import cpu_threads
+from tasks.infra.hardware import cpu_threads
 
 
 @dataclass
@@ -61,7 +61,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -
     return times
 
 
-torch_threads = cpu_threads  # the trainer's context manager: torch's thread count inside a block, restored after
+torch_threads = cpu_threads  # the trainer's (tasks/infra/hardware.py): torch's thread count in a block, restored after
 
 
 def median(xs: list[float]) -> float:

@@ -3,15 +3,16 @@
     benchmarks/gpu.sh [--models vit imagegpt] [--steps 20] [--out benchmarks/gpu_results.json]
     python -m benchmarks.gpu --smoke          # a tiny size on whatever device there is (CPU here): checks it runs
 
-One step is the trainer's (tasks/train.py): bf16 autocast forward, backward, grad-norm clip, AdamW (fused on CUDA),
-on a random batch already on the device (data loading is not measured). Sizes fill an 80-141 GB GPU: ViT-B/16 at
+One step is the trainer's (tasks/train/trainer.py): bf16 autocast forward, backward, grad-norm clip, AdamW (fused on
+CUDA), on a random batch already on the device (data loading is not measured). Sizes fill an 80-141 GB GPU: ViT-B/16 at
 224 px (batch 256) and a GPT-2-medium-wide ImageGPT over 32x32 = 1024 tokens (batch 64). Attention is
 F.scaled_dot_product_attention, restricted to the flash kernel on CUDA (sdpa_kernel) so a silent fallback to the
 math kernel fails loudly instead.
 
     MFU = samples/s x flops_per_sample(train=True) / peak
     peak: the GPU's dense bf16 datasheet figure where the GPU is known (H100 SXM / H200: 989 TFLOP/s), and the
-          best bf16 matrix product measured here (tasks.train.peak_flops), both reported. Target (issue #6): >= 0.4.
+          best bf16 matrix product measured here (tasks.infra.hardware.peak_flops), both reported. Target (issue
+          #6): >= 0.4.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import torch
 
 from models.imagegpt import ImageGPT, ImageGPTConfig
 from models.vit import ViT, ViTConfig
-from tasks.train import TrainConfig, make_optimizer, peak_flops
+from tasks.infra.hardware import peak_flops, pick_device, sync
+from tasks.train.trainer import TrainConfig, make_optimizer
 
 TARGET = 0.4
 DATASHEET_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}  # dense FLOP/s
@@ -60,11 +62,6 @@ def random_batch(name: str, cfg, batch_size: int, device: torch.device) -> dict[
     return {"tokens": torch.randint(cfg.vocab_size, (batch_size, cfg.seq_len), generator=g).to(device)}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(name: str, device: torch.device, smoke: bool, steps: int, compile: bool) -> dict:
     model_cls, cfg, batch_size = (SMOKE if smoke else SIZES)[name]
     torch.manual_seed(0)
@@ -87,12 +84,12 @@ def measure(name: str, device: torch.device, smoke: bool, steps: int, compile: b
     t0 = time.perf_counter()
     for _ in range(2):  # compilation, then the first step with optimizer state
         step()
-    _sync(device)
+    sync(device)
     warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    _sync(device)
+    sync(device)
     step_s = (time.perf_counter() - t0) / steps
     flops = net.flops_per_sample(train=True)
     return {"model": name, "config": asdict(cfg), "batch_size": batch_size, "compile": compile, "steps": steps,
@@ -103,9 +100,7 @@ def measure(name: str, device: torch.device, smoke: bool, steps: int, compile: b
 
 
 def run_all(models: list[str], smoke: bool, steps: int, compile: bool = True) -> dict:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+    device = pick_device("auto")  # CUDA when there is one (TF32 for fp32 matmuls outside autocast), else CPU
     gpu, sheet = datasheet_peak(device)
     measured = peak_flops(device, torch.bfloat16)
     results = []

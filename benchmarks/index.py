@@ -1,6 +1,6 @@
 """CLIP index: tasks.index.build_faiss (HNSW, efSearch tuned to recall@10 >= 0.95) vs exact search (IndexFlatIP).
 
-Vectors: clustered, L2-normalised, dim 64 (CLIPConfig's embedding size in tasks/registry.py). The tuning queries
+Vectors: clustered, L2-normalised, dim 64 (CLIPConfig's embedding size in tasks/train/table.py). The tuning queries
 and the measured queries are different held-out vectors (near the data, not in it). Latency is per query, from
 batches of 100 queries; recall@10 of the HNSW results against the exact ones on the measured queries.
 The target (recall >= 0.95 at >= 10x lower latency) is stated for 1M vectors (issue #6); the 10k and 100k rows are

@@ -5,7 +5,7 @@
                        as its plain function (`.fn`) and Prefect's artifact calls skipped: wall clock, and the
                        difference per task run in ms
     cached_rerun       the same flow again over the first run's output root (every task Cached) vs the first run
-    mlflow_logging     tasks.train.train (ViT, default size, batch 64, on 400 built-in images): time inside the metric
+    mlflow_logging     tasks.train.trainer.train (ViT, default size, batch 64, on 400 built-in images): time inside the metric
                        logging calls (buffer `add` every step, one `log_batch` per `log_every` steps) as a share of
                        the training loop's time
 
@@ -100,7 +100,7 @@ def timed(owner, names: tuple[str, ...], events: list[tuple[str, float, float]])
 
 
 def mlflow_share(prep: Path, out: Path, quick: bool) -> dict:
-    """ViT training through tasks.train.train: time inside metric logging vs the training loop's time.
+    """ViT training through tasks.train.trainer.train: time inside metric logging vs the training loop's time.
 
     The loop's time is from the first metric `add` (one per step, right after the optimiser step) to the last: steps
     2..N with all their logging; evaluation and the checkpoint come only after the last step here (eval_every and
@@ -108,8 +108,8 @@ def mlflow_share(prep: Path, out: Path, quick: bool) -> dict:
     """
     from mlflow import MlflowClient
 
-    from tasks import tracking
-    from tasks.train import TrainConfig, train
+    from tasks.infra import tracking
+    from tasks.train.trainer import TrainConfig, train
 
     steps = 6 if quick else 41
     cfg = TrainConfig(max_steps=steps, batch_size=8 if quick else 64, log_every=2 if quick else 10,
@@ -173,13 +173,13 @@ def measure(work: Path, quick: bool, dest: Path | None = None) -> dict:
     empty()
     save(server_start_s=time.perf_counter() - t0)
     # Prefect's fixed costs: a flow run, and a task run (one that sleeps): with Prefect's default options, with the
-    # project's (content-digest cache policy, persisted result: tasks/data.py `stage`), and with the train task's
+    # project's (content-digest cache policy, persisted result: tasks/stages.py `stage`), and with the train task's
     # concurrency tag as well (tasks/stages.py)
-    import tasks.common
-    from tasks.data import stage
+    import tasks.infra.common
+    from tasks.stages import stage
     from tasks.stages import train_model
 
-    project = stage(tasks.common)
+    project = stage(tasks.infra.common)
     kinds = {"default": {}, "project": project, "project_train_tags": {**project, "tags": list(train_model.tags)}}
     fixed: dict = {"empty_flow": [], **{k: [] for k in kinds}}
     n = 2 if quick else 3
@@ -314,7 +314,7 @@ def rows_of(r: dict, quick: bool) -> list[Row]:
     if not passed:
         note = f"miss: metric logging is {100 * share:.1f}% of the loop; " + note
     rows.append(Row("mlflow_logging", "share (time in metric logging / training loop time)",
-                    f"tasks.train.train, ViT {'tiny' if quick else 'default'} config, SQLite store",
+                    f"tasks.train.trainer.train, ViT {'tiny' if quick else 'default'} config, SQLite store",
                     f"training loop: {ml['window_s']:.2f} s", f"metric logging: {sum(ml['logging_s'].values()):.3f} s",
                     round(share, 4), TARGETS["mlflow"], passed, note, extra=ml))
     return rows

@@ -29,11 +29,14 @@ import torch
 
 from benchmarks.common import Row, check, torch_threads
 from benchmarks.loading import build
-from tasks import loader, synthetic
-from tasks.codebook import CodebookConfig, fit_codebooks
+from tasks.data import loader
+from tasks.data.shards import shard_urls
+from tasks.data.builtin import synthetic
+from tasks.data.codebook import CodebookConfig, fit_codebooks
 from tasks.index import IndexConfig, build_index
-from tasks.registry import BatchContext, DataInfo, configure, spec
-from tasks.train import TrainConfig, make_optimizer
+from tasks.train.batches import BatchContext, DataInfo
+from tasks.train.table import configure, spec
+from tasks.train.trainer import TrainConfig, make_optimizer
 
 SCALES = (1, 2, 4)
 REPS = 2
@@ -50,7 +53,7 @@ def vit_epoch(prep: Path, preset: str, batch_size: int) -> float:
     net = spec("vit").build(cfg)
     opt = make_optimizer(net, TrainConfig(), torch.device("cpu"))
     t0 = time.perf_counter()
-    for samples in loader.batches(loader.shard_urls(prep, "image", "train"), batch_size):
+    for samples in loader.batches(shard_urls(prep, "image", "train"), batch_size):
         _, loss = net(spec("vit").make_batch(samples, ctx))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)

@@ -1,6 +1,6 @@
-"""Spectrograms: tasks.features.log_mel in batches of 64 vs torchaudio's Kaldi fbank clip by clip (the AST recipe).
+"""Spectrograms: tasks.data.features.log_mel in batches of 64 vs torchaudio's Kaldi fbank clip by clip (the AST recipe).
 
-Both get the same synthetic speech clips (eSpeak NG through tasks.speech; noise + tones if it is unavailable).
+Both get the same synthetic speech clips (eSpeak NG through tasks.data.builtin.speech; noise + tones if it is unavailable).
 The two use different mel definitions (Slaney mel, centred STFT, 512-point FFT vs Kaldi's HTK mel, Povey-free
 Hanning frames, snip_edges), so agreement is reported as the per-clip Pearson correlation of the log-mel values on
 the frames both cover, never as equality.
@@ -13,7 +13,7 @@ import torch
 import torchaudio
 
 from benchmarks.common import Row, check, interleaved, median, torch_threads
-from tasks.features import MelConfig, log_mel
+from tasks.data.features import MelConfig, log_mel
 
 BATCH = 64
 TARGET = ">= 5"
@@ -23,14 +23,14 @@ def clips(n: int, seed: int = 0) -> tuple[list[np.ndarray], str]:
     """n speech-length float32 waveforms at 16 kHz and where they came from."""
     rng = np.random.default_rng(seed)
     try:
-        from tasks import speech
-        from tasks.synthetic import COLOURS, SHAPES
+        from tasks.data.builtin import speech
+        from tasks.data.builtin.synthetic import COLOURS, SHAPES
 
         words = [f"{c} {s}" for c in COLOURS for s in SHAPES]
         out = [speech.synthesize(words[i % len(words)], voice=speech.VOICES[i % len(speech.VOICES)],
                                  rate=int(rng.integers(130, 211)), pitch=int(rng.integers(30, 71)))
                for i in range(n)]
-        return [w.astype(np.float32) for w in out], "eSpeak NG speech (tasks.speech.synthesize)"
+        return [w.astype(np.float32) for w in out], "eSpeak NG speech (tasks.data.builtin.speech.synthesize)"
     except Exception as exc:  # eSpeak missing: tones + noise of speech-like lengths
         sr, out = 16000, []
         for _ in range(n):

@@ -1,14 +1,15 @@
 """Training: model FLOPs utilisation (MFU) of one optimiser step per model on this CPU, and torch.compile's effect.
 
-Every step is the trainer's (tasks/train.py): forward, backward, grad-norm clip, AdamW (make_optimizer), on one
+Every step is the trainer's (tasks/train/trainer.py): forward, backward, grad-norm clip, AdamW (make_optimizer), on one
 batch of the model's own make_batch built from real prepared samples (a small built-in dataset and codebooks of the
 pipeline's default sizes), with the torch thread count training uses (TrainConfig.cpu_threads, 1). Data loading is
 left out (benchmarks/loading.py measures it): this is the model's compute.
 
     MFU = samples/s x flops_per_sample(train=True) / peak FLOP/s
-    peak: tasks.train.peak_flops, the best square matrix product measured in this run, fp32 and bf16, same threads.
+    peak: tasks.infra.hardware.peak_flops, the best square matrix product measured in this run, fp32 and bf16,
+          same threads.
 
-Sizes: each model's default preset (tasks/registry.py) and a larger config (about 2x the width). The target (issue
+Sizes: each model's default preset (tasks/train/table.py) and a larger config (about 2x the width). The target (issue
 #6) is ViT >= 0.3 of the bf16 peak at the larger config; it presumes bf16 is the fast path. Where bf16 is slower than
 fp32 (an AVX2-only CPU emulates it), the trainer trains in fp32 (precision "auto"), and the target is checked against
 the faster of the two peaks; the ratio to the bf16 peak alone is recorded beside it.
@@ -24,10 +25,12 @@ import torch
 
 from benchmarks.common import Row, check, median, torch_threads
 from benchmarks.loading import build
-from tasks import loader
-from tasks.codebook import CodebookConfig, fit_codebooks
-from tasks.registry import MODELS, BatchContext, DataInfo, configure, spec
-from tasks.train import TrainConfig, make_optimizer, peak_flops
+from tasks.data import loader, shards
+from tasks.data.codebook import CodebookConfig, fit_codebooks
+from tasks.infra.hardware import peak_flops
+from tasks.train.batches import BatchContext, DataInfo
+from tasks.train.table import MODELS, configure, spec
+from tasks.train.trainer import TrainConfig, make_optimizer
 
 MFU_TARGET = ">= 0.3"
 LARGER = {  # about twice the default width (and deeper where the default is shallow)
@@ -54,7 +57,7 @@ def data(root: Path, quick: bool) -> tuple[Path, dict[str, str]]:
 
 def one_batch(name: str, prep: Path, ctx: BatchContext, batch_size: int) -> dict[str, torch.Tensor]:
     """batch_size real samples of the model's modality (repeated when the small set has fewer), made into a batch."""
-    urls = loader.shard_urls(prep, spec(name).modality, "train")
+    urls = shards.shard_urls(prep, spec(name).modality, "train")
     samples = [s for b in loader.batches(urls, 64, train=False) for s in b]
     return spec(name).make_batch([samples[i % len(samples)] for i in range(batch_size)], ctx)
 

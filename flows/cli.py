@@ -11,7 +11,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from flows.params import ALL_MODELS, DataParams, PipelineParams
+from flows.params import DataParams, PipelineParams
+from tasks.train import table
 
 
 def _load_config(path: str | None) -> dict:
@@ -50,7 +51,7 @@ def _add_data_args(sp: argparse.ArgumentParser) -> None:
 
 def _add_train_args(sp: argparse.ArgumentParser) -> None:
     g = sp.add_argument_group("training")
-    g.add_argument("--preset", choices=["default", "tiny"], help="model sizes (tiny: a quick smoke run)")
+    g.add_argument("--preset", choices=table.PRESETS, help="model sizes (tiny: a quick smoke run)")
     g.add_argument("--steps", type=int, help="optimiser steps for every model (default: each model's own)")
     g.add_argument("--batch-size", type=int, dest="batch_size")
     g.add_argument("--device", help="auto, cpu or cuda")
@@ -108,7 +109,7 @@ def cmd_run(args) -> int:
 
 def write_latest(root: Path, result: dict) -> None:
     """root/latest.json: where the last pipeline run left its index and checkpoints (what `tessera search` reads)."""
-    from tasks.common import write_json
+    from tasks.infra.common import write_json
 
     write_json(root / "latest.json", {
         "index": (result.get("index") or {}).get("path"),
@@ -177,10 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="run the whole pipeline on the built-in dataset (or your data)")
     _add_data_args(sp)
     _add_train_args(sp)
-    sp.add_argument("--models", nargs="+", choices=ALL_MODELS, help="train only these (default: all)")
+    sp.add_argument("--models", nargs="+", choices=list(table.MODELS), help="train only these (default: all)")
     sp.set_defaults(func=cmd_run)
     sp = sub.add_parser("train", help="train (and evaluate) one model; the data and codebook stages run as needed")
-    sp.add_argument("model", choices=ALL_MODELS)
+    sp.add_argument("model", choices=list(table.MODELS))
     _add_data_args(sp)
     _add_train_args(sp)
     sp.set_defaults(func=cmd_train)
@@ -189,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=text)
         _add_data_args(sp)
         _add_train_args(sp)
-        sp.set_defaults(func=cmd_run, models=["clip"] if name == "index" else None)
+        sp.set_defaults(func=cmd_run, models=[table.with_role("image-text")] if name == "index" else None)
     sp = sub.add_parser("search", help="search the images by text (or by an image) in the CLIP index")
     sp.add_argument("text", nargs="*", help="the query, e.g. a red circle")
     sp.add_argument("--image", help="query by an image file instead")

@@ -12,13 +12,13 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flows.params import DataParams
-from tasks import data as stages
-from tasks import storage
-from tasks.features import MelConfig
-from tasks.ingest import IngestConfig, Sources
-from tasks.preprocess import PrepConfig
-from tasks.shards import ShardConfig
-from tasks.synthetic import SyntheticConfig
+from tasks import stages
+from tasks.infra import storage
+from tasks.data.features import MelConfig
+from tasks.data.ingest import IngestConfig, Sources
+from tasks.data.preprocess import PrepConfig
+from tasks.data.shards import ShardConfig
+from tasks.data.builtin.synthetic import SyntheticConfig
 
 
 def _configs(p: DataParams):

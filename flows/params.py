@@ -6,7 +6,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from tasks import storage
+from tasks.infra import storage
+from tasks.train import table
 
 
 class DataParams(BaseModel):
@@ -59,7 +60,6 @@ class DataParams(BaseModel):
         return v
 
 
-ALL_MODELS = ["vit", "ast", "clip", "imagegpt", "asr", "t2i", "tts"]
 
 
 class CodebookParams(BaseModel):
@@ -71,7 +71,8 @@ class CodebookParams(BaseModel):
 
 
 class TrainParams(BaseModel):
-    models: list[str] = Field(default_factory=lambda: list(ALL_MODELS), description=f"any of {ALL_MODELS}")
+    # the model table (tasks/train/table.py) is the only list of model names; it is read when a form is filled
+    models: list[str] = Field(default_factory=lambda: list(table.MODELS), description=f"any of {list(table.MODELS)}")
     preset: str = Field("default", description="model sizes: default (CPU minutes) or tiny (tests)")
     steps: int | None = Field(None, ge=1, description="optimiser steps for every model (default: each model's own)")
     batch_size: int | None = Field(None, ge=1)
@@ -86,9 +87,9 @@ class TrainParams(BaseModel):
     @field_validator("models")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        bad = [m for m in v if m not in ALL_MODELS]
+        bad = [m for m in v if m not in table.MODELS]
         if bad:
-            raise ValueError(f"unknown model(s) {bad}; choose from {ALL_MODELS}")
+            raise ValueError(f"unknown model(s) {bad}; choose from {list(table.MODELS)}")
         return v
 
 

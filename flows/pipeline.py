@@ -2,7 +2,7 @@
 
 One MLflow parent run per flow run (tagged with the Prefect flow-run id); every stage and model reports in a
 nested run under it. Independent models could run concurrently (`.submit`); on a 2-core CPU one at a time is
-faster, so they run in order here. A model that starts from another (registry `init`: CLIP's image tower from the
+faster, so they run in order here. A model that starts from another (model table `init`: CLIP's image tower from the
 trained ViT's stem) trains after it, and its cache key includes that checkpoint.
 """
 
@@ -15,11 +15,13 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.data import data_flow
 from flows.params import PipelineParams
-from tasks import stages, tracking
-from tasks.codebook import CodebookConfig
+from tasks import stages
+from tasks.infra import tracking
+from tasks.data.codebook import CodebookConfig
 from tasks.index import IndexConfig
-from tasks.registry import spec
-from tasks.train import default_train_config
+from tasks.train.batches import CODEBOOKS
+from tasks.train.table import spec, with_role
+from tasks.train.trainer import default_train_config
 
 
 def train_config(model: str, p: PipelineParams):
@@ -30,7 +32,7 @@ def train_config(model: str, p: PipelineParams):
 
 
 def train_order(models: list[str]) -> list[str]:
-    """The models in the given order, except that a model another one starts from (registry `init`) comes first."""
+    """The models in the given order, except that a model another one starts from (model table `init`) comes first."""
     sources = [spec(m).init[0] for m in models if spec(m).init and spec(m).init[0] in models]
     return [m for m in models if m in sources] + [m for m in models if m not in sources]
 
@@ -70,12 +72,13 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
                 m, Path(trained[m]["checkpoint"]), prep, needs, root, params.eval.max_samples,
                 run_id=trained[m]["run_id"], experiment=params.experiment)
         ckpts = {m: Path(r["checkpoint"]) for m, r in trained.items()}
-        all_cbs = {k: Path(cb[k]) for k in ("pixels", "image", "mel") if k in cb}
-        trip_ckpts = {m: c for m, c in ckpts.items() if m in stages.ROUNDTRIP_MODELS}
+        all_cbs = {k: Path(cb[k]) for k in CODEBOOKS if k in cb}
+        trip_ckpts = {m: c for m, c in ckpts.items() if spec(m).role}
         trips = stages.roundtrips(trip_ckpts, prep, all_cbs, root, **run) if params.eval.roundtrips else None
         index = None
-        if "clip" in ckpts:
-            index = stages.clip_index(prep, ckpts["clip"], IndexConfig(exact_threshold=params.index.exact_threshold),
+        indexer = with_role("image-text", list(ckpts))
+        if indexer:
+            index = stages.clip_index(prep, ckpts[indexer], IndexConfig(exact_threshold=params.index.exact_threshold),
                                       root, **run)
         summary = _summary(trained, evals, trips, index)
         parent.client.log_text(parent.run_id, summary, "summary.md")

@@ -34,13 +34,4 @@ from models.vq import (
     unpatchify_spec,
 )
 
-# name -> (model class, config class): what a trainer needs to build any model from its checkpoint
-REGISTRY = {
-    "vit": (ViT, ViTConfig),
-    "ast": (AST, ASTConfig),
-    "imagegpt": (ImageGPT, ImageGPTConfig),
-    "seq2seq": (Seq2Seq, Seq2SeqConfig),
-    "clip": (CLIP, CLIPConfig),
-}
-
 __all__ = [name for name in dir() if not name.startswith("_")]

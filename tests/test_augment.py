@@ -1,12 +1,12 @@
-"""Train-time augmentation (tasks/augment.py) and the convolutional stem it pairs with (models/embeddings.py)."""
+"""Train-time augmentation (tasks/train/augment.py) and the convolutional stem it pairs with (models/embeddings.py)."""
 
 import pytest
 import torch
 
 from models.embeddings import ConvStem, PatchEmbed
 from models.vit import ViT, ViTConfig
-from tasks import augment
-from tasks.registry import MODELS
+from tasks.train import augment
+from tasks.train.table import MODELS
 
 
 def test_shift_flip_moves_each_image_within_bounds():
@@ -103,7 +103,7 @@ def test_vit_with_conv_stem_trains():
 
 # ---------------------------------------------------------------------------------------------------- init_from
 def _vit_ckpt(tmp_path, dim=32):
-    from tasks.checkpoint import save_checkpoint
+    from tasks.infra.checkpoint import save_checkpoint
 
     torch.manual_seed(1)
     vit = ViT(ViTConfig(img_size=16, patch_size=4, dim=dim, depth=1, n_heads=2, n_classes=3, stem="conv"))
@@ -113,7 +113,7 @@ def _vit_ckpt(tmp_path, dim=32):
 
 def test_clip_stem_starts_from_the_trained_vit(tmp_path):
     from models.clip import CLIP, CLIPConfig
-    from tasks.train import init_part
+    from tasks.train.trainer import init_part
 
     vit, path = _vit_ckpt(tmp_path)
     clip = CLIP(CLIPConfig(img_size=16, patch_size=4, vision_stem="conv", vision_dim=32, vision_depth=1,
@@ -130,7 +130,7 @@ def test_clip_stem_starts_from_the_trained_vit(tmp_path):
 
 def test_init_from_a_mismatched_or_wrong_checkpoint_is_a_clear_error(tmp_path):
     from models.clip import CLIP, CLIPConfig
-    from tasks.train import init_part
+    from tasks.train.trainer import init_part
 
     _, path = _vit_ckpt(tmp_path, dim=32)
     wide = CLIP(CLIPConfig(img_size=16, patch_size=4, vision_stem="conv", vision_dim=64, vision_depth=1,

@@ -9,6 +9,7 @@ import math
 import pytest
 
 from benchmarks.__main__ import BENCHMARKS, main, markdown
+from tasks.train.table import MODELS
 
 
 def quick(tmp_path, name: str) -> dict:
@@ -32,7 +33,8 @@ def quick(tmp_path, name: str) -> dict:
 def test_spectrograms(tmp_path):
     rows = quick(tmp_path, "spectrograms")["rows"]
     assert rows["spectrograms"]["extra"]["shapes_agree"]
-    assert -1 <= rows["spectrograms"]["extra"]["pearson_median"] <= 1
+    # both are log-mel spectrograms of the same clips (Slaney against HTK mel scales): strongly correlated
+    assert rows["spectrograms"]["extra"]["pearson_median"] > 0.3
 
 
 def test_codebook(tmp_path):
@@ -51,12 +53,14 @@ def test_loading(tmp_path):
 def test_index(tmp_path):
     rows = quick(tmp_path, "index")["rows"]
     assert rows["index_2k"]["target"] == "report"  # the target is set at 1M vectors
-    assert 0 <= rows["index_2k"]["extra"]["recall_at_10"] <= 1
+    extra = rows["index_2k"]["extra"]
+    assert extra["tuning_recall"]["value"] >= 0.95  # efSearch is doubled until the tuning queries reach it
+    assert extra["recall_at_10"] >= 0.9  # and other queries come close
 
 
 def test_training(tmp_path):
     rows = quick(tmp_path, "training")["rows"]
-    assert {f"training_mfu_{m}" for m in ("vit", "ast", "clip", "imagegpt", "asr", "t2i", "tts")} <= set(rows)
+    assert {f"training_mfu_{m}" for m in MODELS} <= set(rows)  # every model of the table
     assert {"training_compile_vit", "training_compile_imagegpt"} <= set(rows)
     peak = rows["training_mfu_vit"]["extra"]["peak_flops"]
     assert peak["fp32"] > 0 and peak["bf16"] > 0

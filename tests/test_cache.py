@@ -4,9 +4,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-from tasks import cache
-from tasks.cache import ContentDigest, content, root_epoch
-from tasks.data import transient_only
+from tasks.infra import cache
+from tasks.infra.cache import ContentDigest, content, root_epoch
+from tasks.stages import transient_only
 
 
 @dataclass(frozen=True)
@@ -61,3 +61,24 @@ def test_only_transient_io_errors_are_retried():
     assert transient_only(None, None, state(OSError("disk hiccup")))
     assert not transient_only(None, None, state(ValueError("bad input")))
     assert not transient_only(None, None, state(FileNotFoundError("gone")))
+
+
+def test_every_task_keys_its_cache_and_names_its_folder_from_one_code_list(monkeypatch):
+    """Each Prefect task of tasks/stages.py is made by its Stage: the cache policy covers exactly the Stage's code,
+    and a change to that code moves both the cache key and the output folder."""
+    from prefect import Task
+
+    from tasks import stages
+
+    tasks_ = {t.name: t for t in vars(stages).values() if isinstance(t, Task)}
+    assert set(tasks_) == {s.name for s in stages.STAGES}
+    for s in stages.STAGES:
+        assert tasks_[s.name].cache_policy.code == s.code, s.name
+    train, before = stages.TRAIN, stages.TRAIN.out("/r", "vit", Cfg(), under="vit")
+    ctx = SimpleNamespace(task=SimpleNamespace(name="train", source_code="def t(): ..."))
+    key_before = tasks_["train"].cache_policy.compute_key(ctx, {"cfg": Cfg()}, {})
+    monkeypatch.setattr(stages, "code_version", lambda *mods: "edited")
+    monkeypatch.setattr(cache, "code_version", lambda *mods: "edited")
+    assert train.out("/r", "vit", Cfg(), under="vit") != before
+    assert tasks_["train"].cache_policy.compute_key(ctx, {"cfg": Cfg()}, {}) != key_before
+    assert str(before).startswith("/r/train/vit/")

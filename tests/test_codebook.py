@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.codebook import CodebookCollapseError, CodebookConfig, fit_codebooks, load_codebook
+from tasks.data.codebook import CodebookCollapseError, CodebookConfig, fit_codebooks, load_codebook
 
 
 def _prep(tmp_path, pixels, image=None):

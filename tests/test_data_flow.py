@@ -4,29 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-import time
 
 import pyarrow.parquet as pq
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from flows.cli import main as cli_main
 from flows.data import data_flow
 from flows.params import DataParams
-from tasks.common import read_success
-
-
-def _task_states(flow_run_id, wait_s: float = 60) -> dict[str, str]:
-    """Stage name -> final state name (Prefect 3 reports task-run states in the background: poll until final)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        with get_client(sync_client=True) as client:
-            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        states = {r.name.rsplit("-", 1)[0]: r.state_name for r in runs}
-        if not {"Pending", "Running"} & set(states.values()) or time.monotonic() > deadline:
-            return states
-        time.sleep(1)
+from tasks.infra.common import read_success
+from tests.helpers import task_states
 
 
 @pytest.mark.usefixtures("prefect_harness")
@@ -35,7 +21,7 @@ def test_data_flow_builtin_then_cached(tmp_path):
     state = data_flow(params, return_state=True)
     first = state.result()
     assert state.is_completed()
-    states = _task_states(state.state_details.flow_run_id)
+    states = task_states(state.state_details.flow_run_id)
     assert set(states.values()) == {"Completed"}, states
     for stage in ("ingest", "shards", "prep"):
         assert read_success(first[stage]["path"]) is not None
@@ -47,7 +33,7 @@ def test_data_flow_builtin_then_cached(tmp_path):
 
     state2 = data_flow(params, return_state=True)
     assert state2.result() == first
-    states2 = _task_states(state2.state_details.flow_run_id)
+    states2 = task_states(state2.state_details.flow_run_id)
     assert set(states2.values()) == {"Cached"}, states2
 
 
@@ -63,10 +49,10 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_same_seed_same_manifest_digest(tmp_path):
     """The built-in set, ingested and sharded twice from scratch with one seed, gives one manifest digest."""
-    from tasks import data as stages
-    from tasks.ingest import IngestConfig
-    from tasks.shards import ShardConfig
-    from tasks.synthetic import SyntheticConfig
+    from tasks import stages
+    from tasks.data.ingest import IngestConfig
+    from tasks.data.shards import ShardConfig
+    from tasks.data.builtin.synthetic import SyntheticConfig
 
     digests = []
     for seed, run in ((0, "a"), (0, "b"), (1, "c")):

@@ -11,11 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import webdataset as wds
 from PIL import Image
 
-from models.clip import CLIP, CLIPConfig
-from tasks.common import write_json
+from models.vit import ViT, ViTConfig
 from tasks.index import (
     EMBEDDINGS_FILE,
     ROWS_FILE,
@@ -32,39 +30,11 @@ from tasks.index import (
     search_vector,
 )
 
-SIZE = 8
-TINY = CLIPConfig(embed_dim=16, img_size=SIZE, patch_size=4, vision_dim=16, vision_depth=1, vision_heads=2,
-                  context_len=24, text_dim=16, text_depth=1, text_heads=2)
-LABELS = ["circle", "square"]
-
-
-def save_checkpoint(path, seed: int = 0):
-    torch.manual_seed(seed)
-    model = CLIP(TINY)
-    torch.save({"model": "clip", "config": dataclasses.asdict(TINY), "state_dict": model.state_dict(), "step": 0}, path)
-    return path
-
-
-def write_prep(prep, n_per_split: int = 10) -> dict[str, np.ndarray]:
-    """A prep dir in preprocess's format: image/{split}-000000.tar (img.npy uint8 (3, S, S) + json) and stats.json.
-    The last image has no caption. Returns key -> image."""
-    rng = np.random.default_rng(0)
-    (prep / "image").mkdir(parents=True)
-    images = {}
-    i = 0
-    for split in ("train", "val"):
-        with wds.ShardWriter(str(prep / "image" / f"{split}-%06d.tar"), maxcount=1000, mtime=0) as sink:
-            for _ in range(n_per_split):
-                key = f"img-{i:06d}"
-                img = rng.integers(0, 256, size=(3, SIZE, SIZE), dtype=np.uint8)
-                text = "" if i == 2 * n_per_split - 1 else f"a {LABELS[i % 2]} number {i}"
-                info = {"key": key, "label": LABELS[i % 2], "label_id": i % 2, "text": text, "meta": {}}
-                sink.write({"__key__": key, "img.npy": img, "json": info})
-                images[key] = img
-                i += 1
-    write_json(prep / "stats.json", {"image": {"classes": LABELS, "mean": [0.5, 0.5, 0.5], "std": [0.29, 0.29, 0.29],
-                                               "size": SIZE}})
-    return images
+from tests.helpers import INDEX_CLIP as TINY
+from tests.helpers import INDEX_LABELS as LABELS
+from tests.helpers import INDEX_SIZE as SIZE
+from tests.helpers import clip_checkpoint as save_checkpoint
+from tests.helpers import write_index_prep as write_prep
 
 
 @pytest.fixture
@@ -163,6 +133,18 @@ def test_bf16_embeddings_still_find_themselves(tmp_path):
     loaded = load_index(tmp_path / "index")
     row = pq.read_table(tmp_path / "index" / EMBEDDINGS_FILE).to_pylist()[3]
     assert search_vector(loaded, np.array(row["image_emb"]), k=1)[0].key == row["key"]
+
+
+def test_only_an_image_clip_checkpoint_builds_an_index(tmp_path):
+    write_prep(tmp_path / "prep", n_per_split=2)
+    with pytest.raises(FileNotFoundError, match=r"CLIP checkpoint .*nothing\.pt does not exist; train one"):
+        build_index(tmp_path / "prep", tmp_path / "nothing.pt", tmp_path / "index")
+    vit = ViTConfig(img_size=SIZE, patch_size=4, dim=16, depth=1, n_heads=2, n_classes=2)
+    torch.save({"model": "vit", "config": dataclasses.asdict(vit), "state_dict": ViT(vit).state_dict()},
+               tmp_path / "vit.pt")
+    with pytest.raises(ValueError, match=r"vit\.pt is a 'vit' model, not a CLIP; the index needs a CLIP"):
+        build_index(tmp_path / "prep", tmp_path / "vit.pt", tmp_path / "index")
+    assert not (tmp_path / "index").exists()
 
 
 def test_recall_at_k():

@@ -14,9 +14,9 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from tasks import ingest as ing
-from tasks.common import sha256_bytes
-from tasks.ingest import IngestConfig, IngestError, Sources, digest_sources, ingest
+from tasks.data import ingest as ing
+from tasks.infra.common import sha256_bytes
+from tasks.data.ingest import IngestConfig, IngestError, Sources, digest_sources, ingest
 
 CFG = IngestConfig()
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.features import MelConfig, decode_audio, image_array, log_mel
-from tasks.preprocess import PrepConfig, grid_patches, preprocess
-from tasks.shards import ShardConfig, read_samples, shard_urls, write_shards
+from tasks.data.features import MelConfig, decode_audio, image_array, log_mel
+from tasks.data.preprocess import PrepConfig, grid_patches, preprocess
+from tasks.data.shards import ShardConfig, read_samples, shard_urls, write_shards
 from tests.helpers import item_rows, png_bytes, wav_bytes, write_items
 
 SMALL_MEL = MelConfig(n_mels=32, n_frames=48)

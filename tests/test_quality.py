@@ -17,19 +17,19 @@ from flows.cli import write_latest
 from flows.params import CodebookParams, DataParams, EvalParams, PipelineParams, TrainParams
 from flows.pipeline import pipeline
 from tasks.index import load_index, search_text
-from tasks.synthetic import COLOURS, SHAPES
+from tasks.data.builtin.synthetic import COLOURS, SHAPES
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 CHANCE = 1 / 6
 SMALL = dict(dim=64, depth=2, n_heads=2)
-TRAIN = {  # per model: TrainConfig fields (tasks/train.py) on top of the model's own
+TRAIN = {  # per model: TrainConfig fields (tasks/train/trainer.py) on top of the model's own
     "vit": dict(max_steps=300),
     "ast": dict(max_steps=300, lr=1e-3, min_lr=1e-4, warmup_steps=30),
     "clip": dict(max_steps=300, warmup_steps=30),
     "asr": dict(max_steps=300, lr=2e-3, min_lr=2e-4, warmup_steps=30),
 }
-MODEL = {  # per model: config fields on top of the default preset (tasks/registry.py); ViT and CLIP keep theirs, so
+MODEL = {  # per model: config fields on top of the default preset (tasks/train/table.py); ViT and CLIP keep theirs, so
     "ast": SMALL,  # CLIP's image tower starts from the trained ViT as in `make run`
     "asr": dict(dim=64, n_heads=2),
 }

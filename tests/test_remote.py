@@ -23,20 +23,21 @@ from pydantic import ValidationError
 
 from flows.params import DataParams, PipelineParams
 from models.vit import ViT, ViTConfig
-from tasks import cache, loader, registry, storage
-from tasks import data as stages
-from tasks.cache import ContentDigest, path_digest
-from tasks.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from tasks.common import SUCCESS, atomic_dir, read_success, tree_digest, write_json
-from tasks.features import MelConfig
-from tasks.index import IndexConfig, IndexIntegrityError, build_index, index_dir, load_index, search_text
-from tasks.preprocess import PrepConfig
-from tasks.shards import ShardConfig, read_samples, shard_urls, write_shards
-from tasks.train import train
+from tasks import stages
+from tasks.data import loader
+from tasks.data.features import MelConfig
+from tasks.data.preprocess import PrepConfig
+from tasks.data.shards import CorruptShardError, ShardConfig, read_samples, shard_urls, write_shards
+from tasks.index import IndexConfig, IndexIntegrityError, build_index, load_index, search_text
+from tasks.infra import cache, storage
+from tasks.infra.cache import ContentDigest, path_digest
+from tasks.infra.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from tasks.infra.common import SUCCESS, atomic_dir, read_success, tree_digest, write_json
+from tasks.train import table
+from tasks.train.trainer import train
 from tests.helpers import item_rows, write_items
-from tests.test_index import save_checkpoint as save_clip
-from tests.test_index import write_prep as write_index_prep
-from tests.test_train import TINY_TRAIN, make_prep
+from tests.helpers import TINY_TRAIN, make_prep, write_index_prep
+from tests.helpers import clip_checkpoint as save_clip
 
 MEMORY = "memory://tessera-tests"
 
@@ -162,8 +163,8 @@ def test_shards_and_manifest_at_a_url_match_the_local_ones(store, tmp_path):
     seen = {}
     for modality in ("image", "audio"):
         for split in ("train", "val", "test"):
-            urls = shard_urls(out, modality, split)
-            want = shard_urls(tmp_path / "local", modality, split)
+            urls = shard_urls(out, modality, split, allow_empty=True)
+            want = shard_urls(tmp_path / "local", modality, split, allow_empty=True)
             assert [storage.name(u) for u in urls] == [Path(w).name for w in want]
             assert all(u.startswith(str(storage.location(out))) for u in urls)
             seen.update({s["__key__"]: s for s in read_samples(urls)})
@@ -178,7 +179,7 @@ def test_a_remote_folder_without_success_is_refused(mem, tmp_path):
     fsspec.filesystem("memory").put(str(tmp_path / "prep"), storage.filesystem(mem)[1], recursive=True)
     assert storage.files(mem) and read_success(mem) is None
     with pytest.raises(FileNotFoundError, match=rf"{mem} has no _SUCCESS: it is unfinished"):
-        loader.shard_urls(mem, "image", "train")
+        shard_urls(mem, "image", "train")
 
 
 # ------------------------------------------------------------------------------------------------ loader, trainer
@@ -186,7 +187,7 @@ def test_loader_streams_remote_shards_and_checks_them(mem, tmp_path):
     prep = make_prep(tmp_path / "prep")
     url = upload(prep, f"{mem}/prep")
     assert tree_digest(url) == tree_digest(prep)  # the same files, the same digest, wherever they are
-    remote, local = loader.shard_urls(url, "audio", "train"), loader.shard_urls(prep, "audio", "train")
+    remote, local = shard_urls(url, "audio", "train"), shard_urls(prep, "audio", "train")
     assert remote == [f"{url}/audio/train-000000.tar", f"{url}/audio/train-000001.tar"]
 
     def keys(urls):
@@ -195,8 +196,8 @@ def test_loader_streams_remote_shards_and_checks_them(mem, tmp_path):
     assert keys(remote) == keys(local)  # the same order: it depends on (seed, epoch), not on where shards live
     good = storage.read_bytes(remote[0])
     storage.write_bytes(remote[0], good[:4096])  # cut at a member boundary
-    with pytest.raises(loader.CorruptShardError, match=rf"{remote[0]} is truncated.*end-of-archive"):
-        loader.shard_urls(url, "audio", "train")
+    with pytest.raises(CorruptShardError, match=rf"{remote[0]} is truncated.*end-of-archive"):
+        shard_urls(url, "audio", "train")
 
 
 def _losses(run_id: str) -> list[float]:
@@ -256,7 +257,7 @@ def test_a_trained_model_rebuilds_from_a_checkpoint_url(mem):
     torch.manual_seed(0)
     model = ViT(cfg)
     save_checkpoint(f"{mem}/ckpt.pt", {"model": "vit", "config": asdict(cfg), "state_dict": model.state_dict()})
-    rebuilt, ckpt = registry.build_from_checkpoint(f"{mem}/ckpt.pt")
+    rebuilt, ckpt = table.build_from_checkpoint(f"{mem}/ckpt.pt")
     assert not rebuilt.training and ckpt["config"] == asdict(cfg)
     assert all(torch.equal(a, b) for a, b in zip(rebuilt.state_dict().values(), model.state_dict().values()))
 
@@ -270,9 +271,9 @@ def test_index_built_and_loaded_at_urls(store, tmp_path):
     storage.write_bytes(ckpt, (tmp_path / "clip.pt").read_bytes())
     cfg = IndexConfig(batch_size=8)
     local = build_index(tmp_path / "prep", tmp_path / "clip.pt", tmp_path / "index", cfg)
-    out = index_dir(store, prep, ckpt, cfg)
-    assert str(out).startswith(str(storage.location(store))) and storage.name(out) == storage.name(
-        index_dir(tmp_path, tmp_path / "prep", tmp_path / "clip.pt", cfg))  # keyed by content, not by location
+    out = stages.CLIP_INDEX.out(store, path_digest(prep), path_digest(ckpt), cfg)
+    here = stages.CLIP_INDEX.out(tmp_path, path_digest(tmp_path / "prep"), path_digest(tmp_path / "clip.pt"), cfg)
+    assert out == storage.join(store, "index", storage.name(here))  # keyed by content, not by location
     record = build_index(prep, ckpt, out, cfg)
     assert record == local  # the same index, row map and embeddings, byte for byte
     loaded = load_index(out)
@@ -314,7 +315,7 @@ def test_cache_keys_a_url_by_content_and_a_root_url_by_its_epoch(mem, tmp_path):
 @pytest.mark.usefixtures("prefect_harness")
 def test_data_flow_writes_to_a_store_url_and_is_cached_the_second_time(mem, tmp_path):
     from flows.data import data_flow
-    from tests.test_data_flow import _task_states
+    from tests.helpers import task_states as _task_states
 
     params = DataParams(root=tmp_path / "out", store=mem, size=12, n_mels=32, n_frames=64, shard_maxcount=8)
     state = data_flow(params, return_state=True)
@@ -322,7 +323,7 @@ def test_data_flow_writes_to_a_store_url_and_is_cached_the_second_time(mem, tmp_
     assert first["shards"]["path"].startswith(f"{mem}/shards/") and first["prep"]["path"].startswith(f"{mem}/prep/")
     assert read_success(first["prep"]["path"]) is not None and not (tmp_path / "out" / "shards").exists()
     stats = json.loads(storage.read_text(f"{first['prep']['path']}/stats.json"))
-    assert stats["image"]["size"] == 32 and loader.shard_urls(first["prep"]["path"], "image", "train")
+    assert stats["image"]["size"] == 32 and shard_urls(first["prep"]["path"], "image", "train")
     state2 = data_flow(params, return_state=True)
     assert state2.result() == first
     assert set(_task_states(state2.state_details.flow_run_id).values()) == {"Cached"}

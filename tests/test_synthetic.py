@@ -1,4 +1,4 @@
-"""The built-in dataset (tasks/synthetic.py) and eSpeak NG speech (tasks/speech.py): tiny sizes, no timing asserts."""
+"""The built-in dataset (tasks/data/builtin/synthetic.py) and eSpeak NG speech (tasks/data/builtin/speech.py): tiny sizes, no timing asserts."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from tasks import speech, synthetic
-from tasks.synthetic import BACKGROUNDS, COLOURS, HELDOUT, SHAPES, SyntheticConfig
+from tasks.data.builtin import speech
+from tasks.data.builtin import synthetic
+from tasks.data.builtin.synthetic import BACKGROUNDS, COLOURS, HELDOUT, SHAPES, SyntheticConfig
 
 TINY = SyntheticConfig(n_images=24, n_audio=6, seed=0)
 

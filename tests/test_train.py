@@ -1,14 +1,18 @@
 """The trainer, its loader, registry and MLflow tracking, on a tiny learnable prep folder built in tmp.
 
-The prep folder has the layout tasks/preprocess.py writes (image/ and audio/ shards, stats.json), 16x16 images and
-16x32 spectrograms whose class is visible (bright top vs bottom half; low vs high bands), so a 1-layer model learns
-in a few dozen steps. Kill/resume and SIGTERM run the trainer in a subprocess slowed down by a patched get_lr.
+The prep folder has the layout tasks/data/preprocess.py writes (image/ and audio/ shards, stats.json), 16x16 images
+and 16x32 spectrograms whose class is visible (bright top vs bottom half; low vs high bands), so a 1-layer model
+learns in a few dozen steps. Kill/resume and SIGTERM run the trainer in a subprocess slowed down by a patched get_lr.
+
+Metric steps are 1-based: every metric of optimiser step k (k steps applied) is logged at step k, so a run of N steps
+logs train/loss at 1..N, perf/* at the multiples of log_every and N, val/* at the multiples of eval_every and N.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,82 +23,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from mlflow import MlflowClient
 
-from models.vq import Codebook
-from tasks import registry, tracking
-from tasks.loader import CorruptShardError, batches, shard_urls
-from tasks.registry import MODELS, BatchContext, DataInfo, configure
-from tasks.train import CKPT, CheckpointError, TrainConfig, get_lr, load_checkpoint, train
+import tasks.train.trainer as trainer
+from tasks.data.loader import batches
+from tasks.data.shards import CorruptShardError, shard_urls
+from tasks.infra import hardware, tracking
+from tasks.infra.checkpoint import save_checkpoint
+from tasks.train import table as registry
+from tasks.train.batches import BatchContext, DataInfo
+from tasks.train.table import MODELS, configure
+from tasks.train.trainer import CKPT, CheckpointError, TrainConfig, get_lr, load_checkpoint, train
+
+from tests.helpers import PREP_N_FRAMES as N_FRAMES
+from tests.helpers import PREP_N_MELS as N_MELS
+from tests.helpers import TINY_TRAIN, make_codebooks, make_prep
 
 REPO = Path(__file__).resolve().parents[1]
-SIZE, N_MELS, N_FRAMES = 16, 16, 32
 DDP_TOLERANCE = 0.15  # mean |loss_ddp - loss_single| per step: rank 0 logs its own 16 samples' loss, not all 32
-TINY_TRAIN = TrainConfig(max_steps=12, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=2, eval_every=4,
-                         ckpt_every=4, log_every=3, precision="fp32", shuffle_buffer=64)
-
-
 # ------------------------------------------------------------------------------------------------ tiny prep folder
-def _image(label: int, rng) -> np.ndarray:
-    img = rng.integers(0, 60, (3, SIZE, SIZE))
-    img[:, : SIZE // 2] += 150 * (label == 0)  # class 0: bright top half
-    img[:, SIZE // 2 :] += 150 * (label == 1)  # class 1: bright bottom half
-    return img.astype(np.uint8)
-
-
-def _mel(label: int, rng) -> np.ndarray:
-    mel = rng.standard_normal((N_MELS, N_FRAMES)) * 0.5
-    mel[(slice(0, N_MELS // 2) if label == 0 else slice(N_MELS // 2, None))] += 1.5
-    return mel.astype(np.float16)
-
-
-def _write(path: Path, samples: list[dict]) -> None:
-    with wds.TarWriter(str(path), mtime=0) as sink:
-        for s in samples:
-            sink.write(s)
-
-
-def make_prep(root: Path, n_train: int = 64, n_val: int = 16) -> Path:
-    """A prep folder: image/{train,val}-000000.tar, audio/{train,val}-00000{0,1}.tar, stats.json."""
-    rng = np.random.default_rng(0)
-    words = ("up", "down")
-    for modality in ("image", "audio"):
-        (root / modality).mkdir(parents=True)
-        for split, n in (("train", n_train), ("val", n_val)):
-            samples = []
-            for i in range(n):
-                label = i % 2
-                info = {"key": f"{modality}-{split}-{i}", "label": words[label], "label_id": label,
-                        "text": f"a thing that is {words[label]}", "meta": {}}
-                data = {"img.npy": _image(label, rng)} if modality == "image" else {"mel.npy": _mel(label, rng)}
-                samples.append({"__key__": info["key"], **data, "json": json.dumps(info).encode()})
-            if modality == "audio" and split == "train":  # two shards: shard shuffling and skipping across them
-                _write(root / modality / f"{split}-000000.tar", samples[: n // 2])
-                _write(root / modality / f"{split}-000001.tar", samples[n // 2 :])
-            else:
-                _write(root / modality / f"{split}-000000.tar", samples)
-    stats = {
-        "counts": {m: {"train": n_train, "val": n_val} for m in ("image", "audio")},
-        "image": {"classes": list(words), "mean": [0.3, 0.3, 0.3], "std": [0.3, 0.3, 0.3], "size": SIZE},
-        "audio": {"classes": list(words), "mean": 0.0, "std": 1.0, "mel": {"n_mels": N_MELS, "n_frames": N_FRAMES}},
-    }
-    (root / "stats.json").write_text(json.dumps(stats))
-    return root
-
-
-def make_codebooks(root: Path) -> dict[str, str]:
-    """Random codebooks in the format the codebook stage saves: {"config", "state_dict"}."""
-    g = torch.Generator().manual_seed(0)
-    paths = {}
-    for kind, k, dim, patch, scale in (("pixels", 8, 3, 1, 255.0), ("image", 8, 4 * 4 * 3, 4, 255.0),
-                                       ("mel", 8, 16 * 16, 16, 1.0)):
-        cb = Codebook.from_codes(torch.rand(k, dim, generator=g) * scale)
-        paths[kind] = str(root / f"{kind}.pt")
-        torch.save({"config": {"k": k, "dim": dim, "patch": patch}, "state_dict": cb.state_dict()}, paths[kind])
-    return paths
-
-
 @pytest.fixture(scope="module")
 def mlflow_db(tmp_path_factory) -> str:
     """One SQLite store for this module (creating one costs seconds); tests keep apart by experiment name."""
@@ -126,11 +73,40 @@ def _runs(experiment: str):
     return [] if exp is None else c.search_runs([exp.experiment_id])
 
 
-def _losses(run_id: str) -> dict[int, float]:
-    history = _client().get_metric_history(run_id, "train/loss")
+def _metric(run_id: str, key: str) -> dict[int, float]:
+    """{step: value} of one metric; fails if any step was logged twice."""
+    history = _client().get_metric_history(run_id, key)
     steps = [m.step for m in history]
-    assert len(steps) == len(set(steps)), f"a step was logged twice: {sorted(steps)}"
+    assert len(steps) == len(set(steps)), f"{key}: a step was logged twice: {sorted(steps)}"
     return {m.step: m.value for m in history}
+
+
+def _losses(run_id: str) -> dict[int, float]:
+    return _metric(run_id, "train/loss")
+
+
+def _history(run_id: str) -> dict[str, dict[int, float]]:
+    """Every metric of the run: {key: {step: value}}."""
+    return {key: _metric(run_id, key) for key in _client().get_run(run_id).data.metrics}
+
+
+def _assert_same_metrics(got: dict, expected: dict) -> None:
+    """The same metrics at the same steps; the same values too, except perf/* (timings differ from run to run)."""
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        assert sorted(got[key]) == sorted(expected[key]), key
+        if not key.startswith("perf/"):
+            assert got[key] == expected[key], key
+
+
+@pytest.fixture(scope="module")
+def reference(prep, mlflow_db, tmp_path_factory) -> tuple[dict, dict]:
+    """An uninterrupted TINY_TRAIN run of the AST: (its record, every metric), what an interrupted run must match."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", mlflow_db)
+        record = train("ast", prep, tmp_path_factory.mktemp("reference"), TINY_TRAIN, preset="tiny",
+                       experiment="reference")
+        return record, _history(record["run_id"])
 
 
 # ------------------------------------------------------------------------------------------------ schedule, loader
@@ -218,8 +194,8 @@ def test_training_lowers_the_loss_and_records_one_run(name, prep, tmp_path, monk
     record = train(name, prep, tmp_path / "out", cfg, preset="tiny", experiment=f"learn-{name}")
     assert len(metric_calls) <= 30 // 5 + 3 and sum(metric_calls) >= 30 * 3  # batched: a few calls, many values
     losses = _losses(record["run_id"])
-    assert sorted(losses) == list(range(30))
-    first, last = np.mean([losses[s] for s in range(5)]), np.mean([losses[s] for s in range(25, 30)])
+    assert sorted(losses) == list(range(1, 31))
+    first, last = np.mean([losses[s] for s in range(1, 6)]), np.mean([losses[s] for s in range(26, 31)])
     assert last < 0.7 * first, (first, last)
     assert record["metrics"]["val/accuracy"] > 0.75 and record["steps"] == 30
     (run,) = _runs(f"learn-{name}")
@@ -228,12 +204,61 @@ def test_training_lowers_the_loss_and_records_one_run(name, prep, tmp_path, monk
     assert run.data.params["dtype"] == "float32"
     for key in ("train/lr", "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s", "perf/mfu", "val/loss"):
         assert key in run.data.metrics, key
-    assert sorted(m.step for m in _client().get_metric_history(run.info.run_id, "val/loss")) == [9, 19, 29]
+    assert sorted(_metric(run.info.run_id, "val/loss")) == [10, 20, 30]
+    assert sorted(_metric(run.info.run_id, "perf/samples_per_s")) == [5, 10, 15, 20, 25, 30]
     ckpt = load_checkpoint(tmp_path / "out" / CKPT)
     assert ckpt["step"] == 30 and ckpt["run_id"] == record["run_id"] and ckpt["model"] == name
     # finished: a second call returns the record without training or a new run
     assert train(name, prep, tmp_path / "out", cfg, preset="tiny", experiment=f"learn-{name}") == record
     assert len(_runs(f"learn-{name}")) == 1
+
+
+def test_every_metric_of_step_k_is_logged_at_step_k(prep, tmp_path, monkeypatch):
+    """Known answers for 7 steps with log_every=3, eval_every=4, ckpt_every=5 (64 train images, batch 16: 4 batches
+    an epoch): train/* at 1..7 with the k-th step's lr at k, perf/* and data/epoch at 3, 6, 7, val/* at 4 and 7,
+    checkpoints at 5 and 7; the last holds the step, data position and val/* of step 7."""
+    cfg = replace(TINY_TRAIN, max_steps=7, log_every=3, eval_every=4, ckpt_every=5)
+    saved = []
+
+    def spy_save(path, ckpt):
+        saved.append(ckpt["step"])
+        save_checkpoint(path, ckpt)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", spy_save)
+    record = train("vit", prep, tmp_path / "out", cfg, preset="tiny", experiment="steps")
+    metrics = _history(record["run_id"])
+    for key in ("train/loss", "train/lr", "train/grad_norm"):
+        assert sorted(metrics[key]) == [1, 2, 3, 4, 5, 6, 7], key
+    assert metrics["train/lr"][1] == pytest.approx(1.5e-3) and metrics["train/lr"][2] == pytest.approx(3e-3)  # warmup
+    assert metrics["train/lr"] == pytest.approx({k: get_lr(k - 1, cfg) for k in range(1, 8)})
+    for key in ("perf/samples_per_s", "perf/tokens_per_s", "perf/mfu"):
+        assert sorted(metrics[key]) == [3, 6, 7], key
+    assert metrics["data/epoch"] == {3: 0, 6: 1, 7: 1}
+    assert sorted(metrics["val/loss"]) == sorted(metrics["val/accuracy"]) == [4, 7]
+    assert saved == [5, 7] and record["steps"] == 7
+    ckpt = load_checkpoint(tmp_path / "out" / CKPT)
+    assert sorted(ckpt) == ["batch", "codebooks", "config", "epoch", "model", "optimizer", "prep_dir", "rng",
+                            "run_id", "state_dict", "step", "train_config", "val"]
+    assert (ckpt["step"], ckpt["epoch"], ckpt["batch"]) == (7, 1, 3)  # 7 batches: 4 of epoch 0, 3 of epoch 1
+    assert ckpt["val"] == {k: metrics[k][7] for k in ("val/loss", "val/accuracy")} == record["metrics"]
+    assert json.loads((tmp_path / "out" / "train.json").read_text()) == {"run_id": record["run_id"],
+                                                                         "checkpoint_step": 7}
+
+
+def test_hardware_helpers(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    cpu = torch.device("cpu")
+    assert hardware.pick_device("cpu") == cpu
+    assert hardware.compute_dtype("fp32", cpu) == torch.float32
+    assert hardware.compute_dtype("bf16", cpu) == torch.bfloat16
+    before = torch.get_num_threads()
+    with hardware.cpu_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    rng = torch.get_rng_state()
+    assert hardware.peak_flops(cpu, torch.float32) > 0
+    assert torch.equal(torch.get_rng_state(), rng)  # measuring draws nothing: resumed runs stay step-exact
+    assert hardware.distributed(cpu) == (0, 1)  # no WORLD_SIZE: one process, no process group
 
 
 def test_tracking_uri_defaults_to_sqlite_in_the_working_directory(tmp_path, monkeypatch):
@@ -261,7 +286,7 @@ def test_nested_run_registered_model_and_rebuild_from_checkpoint(prep, tmp_path)
 
 CHILD = """
 import json, sys, time
-import tasks.train as T
+import tasks.train.trainer as T
 args = json.loads(sys.argv[1])
 get_lr = T.get_lr
 def slow_get_lr(step, cfg):  # called once per step: makes the run slow enough to interrupt mid-way
@@ -295,19 +320,19 @@ def _wait_for(cond, proc: subprocess.Popen, timeout: float = 90.0) -> None:
 
 
 def _logged_through(out: Path) -> int:
-    """The last train/loss step the run in `out` has sent to MLflow (-1 before any)."""
+    """The last train/loss step the run in `out` has sent to MLflow (0 before any)."""
     state = out / "train.json"
     if not state.is_file():
-        return -1
+        return 0
     run_id = json.loads(state.read_text())["run_id"]
-    return max((m.step for m in _client().get_metric_history(run_id, "train/loss")), default=-1)
+    return max((m.step for m in _client().get_metric_history(run_id, "train/loss")), default=0)
 
 
-def test_kill_and_resume_continues_the_same_run_with_the_same_losses(prep, tmp_path, monkeypatch):
+def test_kill_and_resume_continues_the_same_run_with_the_same_metrics(prep, tmp_path, monkeypatch, reference):
     out = tmp_path / "killed"
     proc = _child(prep, out, "kill", sleep=0.4, cwd=tmp_path)
-    # kill after the first checkpoint (step 4) and after a metric flush past it (steps 3..5 sent at step 6)
-    _wait_for(lambda: (out / CKPT).exists() and _logged_through(out) >= 5, proc)
+    # kill after the first checkpoint (step 4) and after a metric flush past it (steps 5 and 6, sent at step 6)
+    _wait_for(lambda: (out / CKPT).exists() and _logged_through(out) >= 6, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL and not (out / "_SUCCESS").exists()
@@ -326,19 +351,45 @@ def test_kill_and_resume_continues_the_same_run_with_the_same_losses(prep, tmp_p
     assert loads and all(w is True for w in loads)
     (run,) = _runs("kill")
     assert run.info.run_id == record["run_id"] and run.info.status == "FINISHED"
-    resumed = _losses(record["run_id"])
-    assert sorted(resumed) == list(range(TINY_TRAIN.max_steps))
+    # every metric step sent exactly once, with the values of the uninterrupted run
+    expected_record, expected = reference
+    _assert_same_metrics(_history(record["run_id"]), expected)
+    assert sorted(expected["train/loss"]) == list(range(1, TINY_TRAIN.max_steps + 1))
+    assert record["final_val_loss"] == expected_record["final_val_loss"]
 
-    reference = train("ast", prep, tmp_path / "reference", TINY_TRAIN, preset="tiny", experiment="reference")
-    expected = _losses(reference["run_id"])
-    assert [resumed[s] for s in range(12)] == [expected[s] for s in range(12)]
-    assert record["final_val_loss"] == reference["final_val_loss"]
+
+def test_a_failed_run_resumes_step_exact(prep, tmp_path, monkeypatch, reference):
+    """A run that fails after step 5 (checkpoint at 4) has sent step 5's metrics as it ended; resuming recomputes
+    step 5 from the checkpoint without sending it again, and the whole record equals the uninterrupted run's."""
+    out = tmp_path / "failed"
+
+    def failing_get_lr(step, cfg):  # step: optimiser steps applied so far; fail at the top of the 6th
+        if step == 5:
+            raise RuntimeError("boom")
+        return get_lr(step, cfg)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(trainer, "get_lr", failing_get_lr)
+        with pytest.raises(RuntimeError, match="boom"):
+            train("ast", prep, out, TINY_TRAIN, preset="tiny", experiment="failed")
+    (run,) = _runs("failed")
+    assert run.info.status == "FAILED" and load_checkpoint(out / CKPT)["step"] == 4
+    assert sorted(_losses(run.info.run_id)) == [1, 2, 3, 4, 5]  # step 5 left the buffer as the run ended
+
+    record = train("ast", prep, out, TINY_TRAIN, preset="tiny", experiment="failed")
+    (run,) = _runs("failed")
+    assert run.info.run_id == record["run_id"] and run.info.status == "FINISHED"
+    expected_record, expected = reference
+    metrics = _history(record["run_id"])
+    _assert_same_metrics(metrics, expected)
+    assert sorted(metrics["val/loss"]) == [4, 8, 12] and sorted(metrics["perf/mfu"]) == [3, 6, 9, 12]
+    assert record["metrics"] == expected_record["metrics"] and record["steps"] == 12
 
 
 def test_sigterm_ends_the_run_killed(prep, tmp_path):
     out = tmp_path / "term"
     proc = _child(prep, out, "term", sleep=0.25, cwd=tmp_path)
-    _wait_for(lambda: _logged_through(out) >= 2, proc)
+    _wait_for(lambda: _logged_through(out) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     assert proc.returncode != 0
@@ -349,8 +400,9 @@ def test_sigterm_ends_the_run_killed(prep, tmp_path):
 DDP_CHILD = """
 import json, os, sys
 import torch, torch.distributed as dist
-import tasks.train as T
-from tasks import loader, tracking
+import tasks.train.trainer as T
+from tasks.data import loader
+from tasks.infra import tracking
 
 args = json.loads(sys.argv[1])
 rank = int(os.environ["RANK"])
@@ -423,7 +475,7 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_global_batch(prep, tmp
     (run,) = _runs("ddp")
     assert run.info.status == "FINISHED" and run.data.params["world_size"] == "2"
     ddp = _losses(run.info.run_id)
-    assert sorted(ddp) == list(range(cfg.max_steps))
+    assert sorted(ddp) == list(range(1, cfg.max_steps + 1))
     assert [r["mlflow_runs"] for r in reports] == [2, 0]  # the first attempt and the resumed one
     assert [r["checkpoints"] > 0 for r in reports] == [True, False] and (out / "_SUCCESS").exists()
 
@@ -446,28 +498,39 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_global_batch(prep, tmp
     single = train("ast", prep, tmp_path / "single", replace(cfg, batch_size=2 * cfg.batch_size), preset="tiny",
                    experiment="ddp-single")
     one = _losses(single["run_id"])
-    steps = range(cfg.max_steps)
+    steps = range(1, cfg.max_steps + 1)
     curves = f"ddp {[round(ddp[s], 3) for s in steps]} vs one process {[round(one[s], 3) for s in steps]}"
-    assert abs(ddp[0] - one[0]) < 0.1, curves  # the same initial weights
+    assert abs(ddp[1] - one[1]) < 0.1, curves  # the same initial weights
     assert np.mean([abs(ddp[s] - one[s]) for s in steps]) < DDP_TOLERANCE, curves
     assert abs(np.mean([ddp[s] for s in steps[-4:]]) - np.mean([one[s] for s in steps[-4:]])) < DDP_TOLERANCE, curves
 
 
-def test_corrupt_checkpoint_is_a_clear_error(prep, tmp_path):
+def test_damaged_foreign_or_missing_checkpoint_is_a_clear_error(prep, tmp_path):
+    """Each case starts from a real checkpoint (a 2-step ViT run) and fails before anything starts in MLflow."""
+    good = tmp_path / "good"
+    train("vit", prep, good, replace(TINY_TRAIN, max_steps=2), preset="tiny", experiment="source")
+    ckpt = load_checkpoint(good / CKPT)
     out = tmp_path / "out"
     out.mkdir()
-    (out / CKPT).write_bytes(b"PK\x03\x04 not really a checkpoint")
+    run = lambda **kw: train("vit", prep, out, TINY_TRAIN, preset="tiny", experiment="corrupt", **kw)  # noqa: E731
+    # cut short (a copy that died half-way)
+    (out / CKPT).write_bytes((good / CKPT).read_bytes()[:2048])
     with pytest.raises(CheckpointError, match=r"ckpt\.pt cannot be read.*delete"):
-        train("vit", prep, out, TINY_TRAIN, preset="tiny", experiment="corrupt")
+        run()
     # an object outside the weights-only allowlist is refused, not unpickled
-    torch.save({"step": 1, "bad": Path("x")}, out / CKPT)
+    save_checkpoint(out / CKPT, {**ckpt, "bad": Path("x")})
     with pytest.raises(CheckpointError, match="cannot be read"):
         load_checkpoint(out / CKPT)
+    # a checkpoint of another config: not silently loaded into this one
+    save_checkpoint(out / CKPT, ckpt)
+    with pytest.raises(CheckpointError, match=r"holds a vit with config .*'dim': 32.*not this vit .*'dim': 48"):
+        run(model_overrides={"dim": 48})
     # the state file says a checkpoint was written, but it is gone
     (out / CKPT).unlink()
-    (out / "train.json").write_text(json.dumps({"run_id": None, "checkpoint_step": 4}))
+    shutil.copy(good / "train.json", out / "train.json")
+    assert json.loads((out / "train.json").read_text())["checkpoint_step"] == 2
     with pytest.raises(CheckpointError, match="does not exist"):
-        train("vit", prep, out, TINY_TRAIN, preset="tiny", experiment="corrupt")
+        run()
     assert _runs("corrupt") == []  # nothing was started in MLflow
 
 

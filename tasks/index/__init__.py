@@ -13,11 +13,12 @@ search is measured on a sample of queries (image and caption embeddings) and the
 is doubled until `target_recall` is met; the value reached and its recall are recorded.
 `load_index` recomputes every digest and refuses a mismatch, so hits never come from a model or a row map other
 than the ones the index was built with. The prep dir, the checkpoint and the index directory may be paths or fsspec
-URLs (s3://, gs://, memory://; tasks/storage.py).
+URLs (s3://, gs://, memory://; tasks/infra/storage.py).
 
     ann.py     IndexConfig, build_faiss (exact / IVF / HNSW, recall tuning), recall_at_k
-    embed.py   the CLIP from a checkpoint; images and captions -> unit-norm embeddings
-    build.py   index_dir, build_index: embed the prep dir, write the index directory atomically
+    embed.py   the CLIP from a checkpoint (tasks/train/table.py); images and captions -> unit-norm embeddings
+    build.py   build_index: embed the prep dir, write the index directory atomically (the Prefect stage,
+               tasks/stages.py CLIP_INDEX, names the folder by the prep dir's and checkpoint's content)
     search.py  verify_index, load_index, search_vector / search_text / search_image, format_hits
 """
 
@@ -28,8 +29,6 @@ from tasks.index.build import (
     PROVENANCE_FILE,
     ROWS_FILE,
     build_index,
-    index_code_version,
-    index_dir,
 )
 from tasks.index.embed import embed_images, embed_texts
 from tasks.index.search import (
@@ -49,6 +48,6 @@ from tasks.index.search import (
 __all__ = [
     "EMBEDDINGS_FILE", "INDEX_FILE", "MIN_POINTS_PER_CENTROID", "PROVENANCE_FILE", "REBUILD", "ROWS_FILE", "Hit",
     "IndexConfig", "IndexIntegrityError", "IndexNotFoundError", "LoadedIndex", "build_faiss", "build_index",
-    "embed_images", "embed_texts", "format_hits", "index_code_version", "index_dir", "load_index", "recall_at_k",
+    "embed_images", "embed_texts", "format_hits", "load_index", "recall_at_k",
     "search_image", "search_text", "search_vector", "verify_index",
 ]

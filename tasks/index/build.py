@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import io
 import json
 import sys
 from pathlib import Path
@@ -15,32 +14,22 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
-from tasks import storage
-from tasks.common import (
-    atomic_dir,
-    code_version,
-    digest,
-    file_sha256,
-    progress,
-    read_success,
-    require_finished,
-    tree_digest,
-    write_json,
-)
+from models.clip import CLIP
+
+from tasks.data import loader
+from tasks.data.shards import SPLITS, shard_urls
 from tasks.index.ann import IndexConfig, build_faiss
 from tasks.index.embed import device, embed_images, embed_texts, load_clip
-from tasks.shards import read_samples
+from tasks.infra import storage
+from tasks.infra.common import (atomic_dir, code_version, digest, file_sha256, progress, read_success, tree_digest,
+                                write_json)
 
 INDEX_FILE = "index.faiss"
 ROWS_FILE = "rows.parquet"
 EMBEDDINGS_FILE = "embeddings.parquet"
 PROVENANCE_FILE = "provenance.json"
-
-
-def index_code_version() -> str:
-    """Digest of the index package's source (every module in it): part of the output key and the provenance."""
-    return code_version(sys.modules[__package__])
 
 
 def prep_digest(prep_dir: Path | str) -> str:
@@ -59,18 +48,17 @@ def image_stats(prep_dir: Path | str) -> dict:
 
 
 def prepped_images(prep_dir: Path | str) -> Iterator[tuple[dict, np.ndarray]]:
-    """(row metadata, uint8 image (3, S, S)) for every image of every split, shard by shard in name order."""
-    require_finished(prep_dir)
-    for tar in storage.glob(storage.join(prep_dir, "image"), "*.tar"):
-        name = storage.name(tar)
-        split = name.rsplit("-", 1)[0]  # {split}-000000.tar
-        shard = f"image/{name}"  # relative to the prep dir
-        for pos, s in enumerate(read_samples([tar])):
-            info = json.loads(s["json"])
-            row = {"key": s["__key__"], "split": split, "label": info.get("label"),
-                   "label_id": int(info.get("label_id", -1)), "caption": info.get("text") or None,
-                   "shard": shard, "shard_index": pos}
-            yield row, np.load(io.BytesIO(s["img.npy"]))
+    """(row metadata, uint8 image (3, S, S)) for every image of every split, shard by shard in name order
+    (test-*, train-*, val-*), through the loader's reader (shards checked intact, decoded as training decodes them)."""
+    for split in sorted(SPLITS):
+        for tar in shard_urls(prep_dir, "image", split, allow_empty=True):
+            shard = f"image/{storage.name(tar)}"  # relative to the prep dir
+            for pos, s in enumerate(loader.shard_samples(tar)):
+                info = s["info"]
+                row = {"key": s["__key__"], "split": split, "label": info.get("label"),
+                       "label_id": int(info.get("label_id", -1)), "caption": info.get("text") or None,
+                       "shard": shard, "shard_index": pos}
+                yield row, s["img"]
 
 
 def _batches(items: Iterator, size: int) -> Iterator[list]:
@@ -94,23 +82,10 @@ def _absolute(loc: Path | str) -> Path | str:
     return loc.resolve() if isinstance(loc, Path) else loc
 
 
-def index_dir(root: Path | str, prep_dir: Path | str, checkpoint: Path | str, cfg: IndexConfig) -> Path | str:
-    """The content-addressed output directory for an index of `prep_dir` by `checkpoint` under `root`."""
-    key = digest(prep_digest(prep_dir), file_sha256(checkpoint), cfg, index_code_version())
-    return storage.join(root, "index", key)
-
-
-def build_index(prep_dir: Path | str, checkpoint: Path | str, out_dir: Path | str,
-                cfg: IndexConfig = IndexConfig()) -> dict:
-    """Embed every prepped image and caption with the CLIP at `checkpoint`, index the images, write `out_dir`.
-
-    Returns the `_SUCCESS` record: digest, n, dim, n_captions, index type, recall (None when exact).
-    """
-    prep_dir, checkpoint = _absolute(prep_dir), _absolute(checkpoint)
-    stats = image_stats(prep_dir)
-    dev = device(cfg.device)
-    model, model_sha = load_clip(checkpoint, dev)
-
+def _embed_prep(prep_dir: Path | str, model: CLIP, stats: dict, dev: torch.device,
+                cfg: IndexConfig) -> tuple[list[dict], np.ndarray, np.ndarray, np.ndarray]:
+    """Every prepped image and its caption embedded -> (rows with their faiss id, image embeddings (n, E), caption
+    embeddings (n, E), zeros where there is no caption, has-caption mask (n,))."""
     rows: list[dict] = []
     image_emb: list[np.ndarray] = []
     text_emb: list[np.ndarray] = []
@@ -129,19 +104,13 @@ def build_index(prep_dir: Path | str, checkpoint: Path | str, out_dir: Path | st
         rows.extend(meta)
     if not rows:
         raise ValueError(f"{storage.join(prep_dir, 'image')} holds no image shards: nothing to index")
-    img = np.concatenate(image_emb)  # (n, E)
-    txt = np.concatenate(text_emb)  # (n, E), zeros where there is no caption
-    valid = np.concatenate(has_text)  # (n,)
     for i, r in enumerate(rows):
         r["id"] = i
+    return rows, np.concatenate(image_emb), np.concatenate(text_emb), np.concatenate(has_text)
 
-    # the recall sample mixes image->image and caption->image queries, the two ways the index is searched
-    rng = np.random.default_rng(cfg.seed)
-    half = min(cfg.recall_queries // 2, len(img))
-    queries = np.concatenate([img[rng.choice(len(img), half, replace=False)],
-                              txt[valid][rng.choice(int(valid.sum()), min(half, int(valid.sum())), replace=False)]])
-    index, info = build_faiss(img, cfg, queries=queries if len(queries) else None)
 
+def _tables(rows: list[dict], img: np.ndarray, txt: np.ndarray, valid: np.ndarray) -> tuple[pa.Table, pa.Table]:
+    """The row map (faiss id -> key, split, label, caption, shard) and the embeddings table."""
     row_cols = ["id", "key", "split", "label", "label_id", "caption", "shard", "shard_index"]
     row_schema = pa.schema([("id", pa.int64()), ("key", pa.string()), ("split", pa.string()),
                             ("label", pa.string()), ("label_id", pa.int32()), ("caption", pa.string()),
@@ -151,6 +120,28 @@ def build_index(prep_dir: Path | str, checkpoint: Path | str, out_dir: Path | st
     emb_table = emb_table.append_column("has_caption", pa.array(valid))
     emb_table = emb_table.append_column("image_emb", _vector_column(img))
     emb_table = emb_table.append_column("text_emb", _vector_column(txt))
+    return rows_table, emb_table
+
+
+def build_index(prep_dir: Path | str, checkpoint: Path | str, out_dir: Path | str,
+                cfg: IndexConfig = IndexConfig()) -> dict:
+    """Embed every prepped image and caption with the CLIP at `checkpoint`, index the images, write `out_dir`.
+
+    Returns the `_SUCCESS` record: digest, n, dim, n_captions, index type, recall (None when exact).
+    """
+    prep_dir, checkpoint = _absolute(prep_dir), _absolute(checkpoint)
+    stats = image_stats(prep_dir)
+    dev = device(cfg.device)
+    model, model_sha = load_clip(checkpoint, dev)
+    rows, img, txt, valid = _embed_prep(prep_dir, model, stats, dev, cfg)
+
+    # the recall sample mixes image->image and caption->image queries, the two ways the index is searched
+    rng = np.random.default_rng(cfg.seed)
+    half = min(cfg.recall_queries // 2, len(img))
+    queries = np.concatenate([img[rng.choice(len(img), half, replace=False)],
+                              txt[valid][rng.choice(int(valid.sum()), min(half, int(valid.sum())), replace=False)]])
+    index, info = build_faiss(img, cfg, queries=queries if len(queries) else None)
+    rows_table, emb_table = _tables(rows, img, txt, valid)
 
     record: dict = {}
     with atomic_dir(out_dir, record) as tmp:
@@ -168,7 +159,7 @@ def build_index(prep_dir: Path | str, checkpoint: Path | str, out_dir: Path | st
             "prep": {"path": str(prep_dir), "digest": prep_digest(prep_dir)},
             "image": stats,
             "config": cfg,
-            "code_version": index_code_version(),
+            "code_version": code_version(sys.modules[__package__]),  # the index package's source
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
         write_json(tmp / PROVENANCE_FILE, provenance)

@@ -3,17 +3,16 @@ images and captions as unit-norm float32 vectors."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.clip import CLIP, CLIPConfig
+from models.clip import CLIP
 from models.tokenizer import ByteTokenizer
-from tasks import storage
-from tasks.common import sha256_bytes
+from tasks.infra import storage
+from tasks.train.table import build_from_checkpoint, with_role
 
 
 def device(name: str) -> torch.device:
@@ -23,15 +22,21 @@ def device(name: str) -> torch.device:
 
 
 def load_clip(checkpoint: Path | str, dev: torch.device) -> tuple[CLIP, str]:
-    """Read the checkpoint once: (CLIP in eval mode, sha256 of exactly the bytes its weights came from)."""
-    data = storage.read_bytes(checkpoint)
-    ckpt = torch.load(io.BytesIO(data), map_location=dev, weights_only=True)
-    cfg = CLIPConfig(**ckpt["config"])
-    if cfg.tower != "image":
-        raise ValueError(f"checkpoint {checkpoint} is a CLIP with an {cfg.tower} tower; the index embeds images")
-    model = CLIP(cfg).to(dev)
-    model.load_state_dict(ckpt["state_dict"])  # the trainer's checkpoint format (tasks/checkpoint.py)
-    return model.eval(), sha256_bytes(data)
+    """The CLIP of a trainer checkpoint (tasks/train/table.py `build_from_checkpoint`: weights only) in eval mode on
+    `dev`, and the sha256 of the checkpoint's bytes, read before and after the load: the same, or it changed while
+    read (a run writing it) and is refused."""
+    if not storage.isfile(checkpoint):
+        raise FileNotFoundError(f"CLIP checkpoint {checkpoint} does not exist; train one "
+                                f"(`tessera train {with_role('image-text')}`)")
+    sha = storage.sha256(checkpoint)
+    model, ckpt = build_from_checkpoint(checkpoint, map_location=dev)
+    if not isinstance(model, CLIP):
+        raise ValueError(f"checkpoint {checkpoint} is a {ckpt['model']!r} model, not a CLIP; the index needs a CLIP")
+    if model.cfg.tower != "image":
+        raise ValueError(f"checkpoint {checkpoint} is a CLIP with an {model.cfg.tower} tower; the index embeds images")
+    if storage.sha256(checkpoint) != sha:
+        raise RuntimeError(f"checkpoint {checkpoint} changed while it was read (is a run writing it?); try again")
+    return model.to(dev), sha
 
 
 def _autocast(dev: torch.device, bf16: bool):

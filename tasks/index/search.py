@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import torch
 
 from models.clip import CLIP
-from tasks import storage
-from tasks.common import file_sha256, read_success
-from tasks.features import image_array
+from tasks.infra import storage
+from tasks.infra.common import file_sha256, read_success
+from tasks.data.features import image_array
 from tasks.index.ann import set_knob
 from tasks.index.build import INDEX_FILE, PROVENANCE_FILE, ROWS_FILE
 from tasks.index.embed import device as torch_device

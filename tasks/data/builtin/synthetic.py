@@ -3,7 +3,7 @@
 It writes the same layout a user would bring, so ingest treats it like user data:
 
     out/images/<shape>/<key>.png    RGB PNG, image_size x image_size
-    out/audio/<shape>/<key>.wav     mono PCM16 speech at sample_rate (eSpeak NG, see tasks/speech.py)
+    out/audio/<shape>/<key>.wav     mono PCM16 speech at sample_rate (eSpeak NG, see speech.py)
     out/captions.csv                image, caption, shape, colour, size, position, background, split
     out/transcripts.csv             audio, transcript, word, colour, voice, rate, pitch, split
     out/_SUCCESS                    the record `generate` returns (counts, relative paths, config)
@@ -29,23 +29,13 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
 
-from tasks import speech
-from tasks.common import atomic_dir, progress, read_success
+from tasks.data.builtin import speech
+from tasks.data.builtin.vocab import COLOURS, HELDOUT, SHAPES  # noqa: F401 - the set's words
+from tasks.infra.common import atomic_dir, progress, read_success
 
-SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
-COLOURS = {  # name -> RGB, far apart from each other and from every background
-    "red": (220, 30, 30),
-    "green": (30, 160, 50),
-    "blue": (30, 80, 230),
-    "yellow": (240, 210, 20),
-    "purple": (140, 50, 190),
-    "orange": (250, 130, 10),
-}
 BACKGROUNDS = {"white": (255, 255, 255), "grey": (128, 128, 128), "black": (0, 0, 0)}
 SIZES = {"small": 0.36, "large": 0.62}  # the shape's extent as a fraction of the image side
 POSITIONS = ("centre", "top left", "top right", "bottom left", "bottom right")
-# (shape, colour) pairs never seen in training: each shape and colour still appears with the five other partners.
-HELDOUT = (("triangle", "blue"), ("star", "orange"), ("cross", "green"))
 
 SUPERSAMPLE = 4  # draw at 4x, downsample with LANCZOS: anti-aliased edges
 JITTER = 0.04  # uniform position jitter, fraction of the image side
@@ -295,12 +285,12 @@ def generate(cfg: SyntheticConfig, out_dir: Path) -> dict:
     return {**_absolute(out_dir, record), **timings}
 
 
-if __name__ == "__main__":  # python -m tasks.synthetic OUT_DIR [n_images n_audio]: generate and print the record
+if __name__ == "__main__":  # python -m tasks.data.builtin.synthetic OUT_DIR [n_images n_audio]: generate and print the record
     import json
     import sys
 
     args = sys.argv[1:]
     if not args:
-        sys.exit("usage: python -m tasks.synthetic OUT_DIR [n_images n_audio]")
+        sys.exit("usage: python -m tasks.data.builtin.synthetic OUT_DIR [n_images n_audio]")
     overrides = dict(zip(("n_images", "n_audio"), map(int, args[1:3])))
     print(json.dumps(generate(SyntheticConfig(**overrides), Path(args[0])), indent=2))

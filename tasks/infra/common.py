@@ -4,7 +4,7 @@ A task writes its output under a directory named by a digest of (input digests, 
 temporary sibling first and renamed when complete, with a `_SUCCESS` record inside. A directory without `_SUCCESS`
 is never treated as finished, so an interrupted run leaves nothing that looks done. Locations may be fsspec URLs
 (s3://, gs://, memory://): there the folder is staged locally, uploaded, and `_SUCCESS` written last
-(tasks/storage.py says what stays atomic where).
+(storage.py says what stays atomic where).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, TypeVar
 
 from tqdm.auto import tqdm
 
-from tasks import storage
+from tasks.infra import storage
 
 SUCCESS = "_SUCCESS"
 T = TypeVar("T")

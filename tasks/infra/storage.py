@@ -8,7 +8,7 @@ takes a location calls `location()` instead of `Path()`.
 
 What stays atomic:
 - local folders (and file:// URLs): a file is written to a temporary sibling and renamed over the target; an output
-  folder is filled in a temporary sibling and renamed (tasks/common.py `atomic_dir`). One rename: all or nothing.
+  folder is filled in a temporary sibling and renamed (tasks/infra/common.py `atomic_dir`). One rename: all or nothing.
 - object stores: one object is one PUT (`write_bytes`), and S3 and GCS make an object visible whole or not at all
   (a multipart upload too, at its completion), so a checkpoint or a JSON record is never seen half-written. A
   folder cannot be renamed there (a "move" is a copy of every object), so `upload_dir` uploads the files of a
@@ -22,6 +22,7 @@ What stays atomic:
 from __future__ import annotations
 
 import builtins
+import fnmatch
 import hashlib
 import os
 import re
@@ -36,6 +37,7 @@ Location = Path | str
 LOCAL_SCHEMES = ("file", "local")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _CHUNK = 1 << 20
+_LOCAL = LocalFileSystem()
 
 
 def is_url(x: object) -> bool:
@@ -57,24 +59,28 @@ def is_remote(x: str | os.PathLike) -> bool:
     return isinstance(location(x), str)
 
 
-def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """(fsspec filesystem, path within it) of a remote URL; a one-line error when its package is missing."""
+def filesystem(x: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(fsspec filesystem, path within it) of any location: the one place a path and a URL part ways.
+
+    A local path or file:// URL -> fsspec's local filesystem and the absolute path; any other URL -> its
+    filesystem, with a one-line error when its package is missing or the scheme is unknown."""
+    loc = location(x)
+    if isinstance(loc, Path):
+        return _LOCAL, _LOCAL._strip_protocol(str(loc))
     try:
-        return fsspec.core.url_to_fs(url)
+        return fsspec.core.url_to_fs(loc)
     except ImportError as exc:
-        raise ValueError(f"cannot open {url}: {exc} (pip install s3fs for s3://, gcsfs for gs://), "
+        raise ValueError(f"cannot open {loc}: {exc} (pip install s3fs for s3://, gcsfs for gs://), "
                          "or use a local path") from None
     except ValueError as exc:
-        raise ValueError(f"cannot open {url}: {exc}; use an fsspec URL (s3://, gs://, file://, memory://) "
+        raise ValueError(f"cannot open {loc}: {exc}; use an fsspec URL (s3://, gs://, file://, memory://) "
                          "or a local path") from None
 
 
 def check(x: str | os.PathLike) -> Location:
     """`location(x)`, and for a URL make sure fsspec can open its filesystem (raises the one-line error if not)."""
-    loc = location(x)
-    if isinstance(loc, str):
-        filesystem(loc)
-    return loc
+    filesystem(x)
+    return location(x)
 
 
 def join(base: str | os.PathLike, *parts: str) -> Location:
@@ -97,34 +103,22 @@ def parent(loc: str | os.PathLike) -> Location:
 
 
 def exists(loc: str | os.PathLike) -> bool:
-    loc = location(loc)
-    if isinstance(loc, Path):
-        return loc.exists()
     fs, path = filesystem(loc)
     return fs.exists(path)
 
 
 def isfile(loc: str | os.PathLike) -> bool:
-    loc = location(loc)
-    if isinstance(loc, Path):
-        return loc.is_file()
     fs, path = filesystem(loc)
     return fs.isfile(path)
 
 
 def open(loc: str | os.PathLike, mode: str = "rb") -> IO:  # noqa: A001 - the storage face of builtins.open
-    """A file object for reading ("rb") or writing ("wb"); remote writes are not atomic: use write_bytes."""
-    loc = location(loc)
-    if isinstance(loc, Path):
-        return builtins.open(loc, mode)
+    """A file object for reading ("rb") or writing ("wb"); writes are not atomic: use write_bytes."""
     fs, path = filesystem(loc)
     return fs.open(path, mode)
 
 
 def read_bytes(loc: str | os.PathLike) -> bytes:
-    loc = location(loc)
-    if isinstance(loc, Path):
-        return loc.read_bytes()
     fs, path = filesystem(loc)
     return fs.cat_file(path)
 
@@ -137,21 +131,21 @@ def write_bytes(loc: str | os.PathLike, data: bytes, fsync: bool = False) -> Non
     """Write a whole file atomically: locally a temporary sibling renamed over it (fsync'ed first if asked);
     remotely one PUT of the final object."""
     loc = location(loc)
-    if isinstance(loc, Path):
-        tmp = loc.with_name(f".{loc.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        try:
-            with builtins.open(tmp, "wb") as f:
-                f.write(data)
-                if fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, loc)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+    if isinstance(loc, str):
+        fs, path = filesystem(loc)
+        fs.pipe_file(path, data)
         return
-    fs, path = filesystem(loc)
-    fs.pipe_file(path, data)
+    tmp = loc.with_name(f".{loc.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with builtins.open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, loc)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def sha256(loc: str | os.PathLike) -> str:
@@ -165,24 +159,24 @@ def sha256(loc: str | os.PathLike) -> str:
 
 def files(loc: str | os.PathLike) -> list[str]:
     """Relative posix paths of every file under a folder, sorted by path components (as `sorted(Path.rglob)`)."""
-    loc = location(loc)
-    if isinstance(loc, Path):
-        rel = [p.relative_to(loc).as_posix() for p in loc.rglob("*") if p.is_file()]
-    else:
-        fs, root = filesystem(loc)
-        root = root.rstrip("/")
-        rel = [p[len(root):].lstrip("/") for p in fs.find(root)]
+    fs, root = filesystem(loc)
+    root = root.rstrip("/")
+    rel = [p[len(root):].lstrip("/") for p in fs.find(root)]
     return sorted(rel, key=lambda r: tuple(r.split("/")))
 
 
 def glob(loc: str | os.PathLike, pattern: str) -> list[str]:
-    """Files in the folder `loc` matching a glob `pattern` (no '**'), as sorted paths or URLs."""
-    loc = location(loc)
-    if isinstance(loc, Path):
-        return sorted(str(p) for p in loc.glob(pattern))
+    """Files and folders under the folder `loc` matching a glob `pattern` (no '**'), as sorted paths (`str(Path)` for
+    a local folder: a relative one stays relative) or URLs; [] when the folder is absent. The pattern is matched
+    component by component, so glob characters in `loc` itself are taken literally, as `Path.glob` takes them."""
+    parts = pattern.split("/")
+    if "**" in parts:
+        raise ValueError(f"glob pattern {pattern!r}: '**' is not supported")
     fs, root = filesystem(loc)
     root = root.rstrip("/")
-    return sorted(str(join(loc, p[len(root):].lstrip("/"))) for p in fs.glob(f"{root}/{pattern}"))
+    found = (p.rstrip("/")[len(root):].lstrip("/") for p in fs.find(root, maxdepth=len(parts), withdirs=True))
+    return sorted(str(join(loc, rel)) for rel in found if rel and len(rel.split("/")) == len(parts)
+                  and all(fnmatch.fnmatchcase(n, pat) for n, pat in zip(rel.split("/"), parts)))
 
 
 def rmtree(loc: str | os.PathLike) -> None:

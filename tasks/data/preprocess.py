@@ -1,6 +1,6 @@
 """Turn raw shards into model-ready shards, normalisation statistics and a patch sample set.
 
-Input: a shards directory (tasks/shards.py). Output, under a content-addressed directory:
+Input: a shards directory (tasks/data/shards.py). Output, under a content-addressed directory:
     image/{split}-000000.tar   __key__, img.npy  uint8 (3, S, S), json {label, label_id, text, meta}
     audio/{split}-000000.tar   __key__, mel.npy  float16 (n_mels, n_frames), normalised, json
     stats.json                 classes per modality, image mean/std per channel (0..1 scale), mel mean/std
@@ -22,11 +22,11 @@ import torch
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from tasks import storage
-from tasks.common import atomic_dir, progress, tree_digest, write_json
+from tasks.infra import storage
+from tasks.infra.common import atomic_dir, progress, tree_digest, write_json
 from models.vq import patchify
-from tasks.features import MelConfig, decode_audio, image_array, log_mel
-from tasks.shards import SPLITS, read_samples, shard_urls
+from tasks.data.features import MelConfig, decode_audio, image_array, log_mel
+from tasks.data.shards import SPLITS, read_samples, shard_urls
 
 AUDIO_EXTS = ("wav", "flac", "ogg", "mp3")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
@@ -102,7 +102,7 @@ def _images(shards: Path, tmp: Path, cfg: PrepConfig, classes, counts, rng) -> d
     n_px = 0
     (tmp / "image").mkdir()
     for split in SPLITS:
-        urls = shard_urls(shards, "image", split)
+        urls = shard_urls(shards, "image", split, allow_empty=True)
         if not urls:
             continue
         with wds.ShardWriter(str(tmp / "image" / f"{split}-%06d.tar"), maxcount=cfg.maxcount, mtime=0, verbose=0) as sink:
@@ -149,7 +149,7 @@ def _mel_batches(urls: list[str], cfg: PrepConfig, desc: str, total: int | None)
 
 
 def _audio(shards: Path, tmp: Path, cfg: PrepConfig, classes, counts, rng) -> dict:
-    train = shard_urls(shards, "audio", "train")
+    train = shard_urls(shards, "audio", "train", allow_empty=True)
     # pass 1: dataset mean/std of the log-mel on the train split (one scalar each, as AST does)
     s1 = s2 = n = 0.0
     for _, mel in _mel_batches(train, cfg, "mel stats", counts.get("train")):
@@ -164,7 +164,7 @@ def _audio(shards: Path, tmp: Path, cfg: PrepConfig, classes, counts, rng) -> di
     patches = _PatchSampler(cfg.n_patches, counts.get("train", 0), rng)
     (tmp / "audio").mkdir()
     for split in SPLITS:
-        urls = shard_urls(shards, "audio", split)
+        urls = shard_urls(shards, "audio", split, allow_empty=True)
         if not urls:
             continue
         with wds.ShardWriter(str(tmp / "audio" / f"{split}-%06d.tar"), maxcount=cfg.maxcount, mtime=0, verbose=0) as sink:
@@ -180,7 +180,7 @@ def _audio(shards: Path, tmp: Path, cfg: PrepConfig, classes, counts, rng) -> di
 
 def preprocess(shards: Path | str, cfg: PrepConfig, out_dir: Path | str) -> dict:
     """Write model-ready shards, stats and patch samples for `shards` into `out_dir` atomically (either may be an
-    fsspec URL: tasks/storage.py)."""
+    fsspec URL: tasks/infra/storage.py)."""
     shards = storage.location(shards)
     with storage.open(storage.join(shards, "manifest.parquet")) as f:
         manifest = pq.read_table(f).to_pylist()

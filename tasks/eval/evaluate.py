@@ -7,9 +7,12 @@
         tts             held-out bits/token + speech from test transcripts (codebook -> mel -> Griffin-Lim) as WAVs
         asr             CER and WER of greedy transcripts + an examples table
         clip            zero-shot accuracy (shape, colour, colour+shape; prompt ensembles) + recall@1/5/10 both ways
-Round trips across modalities (scored by the other trained models) are in tasks/roundtrip.py.
+Which evaluation a model gets is its table entry's `evaluation` (tasks/train/table.py), the key of EVALUATIONS.
+What the data's captions name (shapes, colours, held-out pairs) comes in as a `Vocabulary`
+(tasks/data/builtin/vocab.py); without one, the evaluations that need it (zero-shot label sets, held-out subsets)
+are left out. Round trips across modalities (scored by the other trained models) are in tasks/eval/roundtrip.py.
 
-Artifacts go into out_dir atomically (tasks.common.atomic_dir) with metrics.json and summary.md; the caller (the
+Artifacts go into out_dir atomically (tasks/infra/common.py atomic_dir) with metrics.json and summary.md; the caller (the
 pipeline's task wrapper) logs them. Everything runs under torch.no_grad, in fp32 by default: CPU bf16 autocast
 measured 2-7x slower here for these model sizes (casts dominate the small matmuls); PRECISION = "bf16" turns it on
 for the forward passes and generation (never for the teacher-forced NLL, where bf16 logits would move bits/token in
@@ -20,28 +23,25 @@ blank backgrounds, a background patch being the likeliest code almost everywhere
 
 from __future__ import annotations
 
-import csv
 import math
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
-import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from models.vq import tokens_to_image  # noqa: E402
-from tasks import audio_out, loader  # noqa: E402
-from tasks.common import atomic_dir, write_json  # noqa: E402
-from tasks.registry import TOKENIZER, BatchContext, DataInfo, build_from_checkpoint, mels, spec  # noqa: E402
-from tasks.metrics import (  # noqa: E402
-    cer, classification_metrics, hit_rates, is_heldout, label_sets, retrieval_recall, wer, zero_shot_weights,
-)
+from models.vq import tokens_to_image
+from tasks.data import loader
+from tasks.data.shards import shard_urls
+from tasks.data.builtin.vocab import Vocabulary
+from tasks.eval import audio_out
+from tasks.eval.metrics import cer, classification_metrics, hit_rates, retrieval_recall, wer, zero_shot_prompts, zero_shot_weights
+from tasks.eval.report import confusion_plot, finish, image_grid, table, write_csv
+from tasks.infra.common import atomic_dir
+from tasks.train.batches import TOKENIZER, BatchContext, DataInfo, mels
+from tasks.train.table import build_from_checkpoint, spec
 
 BATCH_SIZE = 64
 N_SHOW = 8  # generated samples per grid / WAVs per model
@@ -53,65 +53,23 @@ T2I_TOP_K = 32  # codes kept when sampling t2i images
 PRECISION = "fp32"  # or "bf16": CPU autocast for forward passes and generation
 
 
-def _amp():
+def amp():
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=PRECISION == "bf16")
 
 
-# ---------------------------------------------------------------------------------------------------- artifacts
-def _table(header: Sequence[str], rows: list[Sequence]) -> str:
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows])
-
-
-def _csv(path: Path, header: Sequence[str], rows: list[Sequence]) -> None:
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
-
-
-def _confusion_plot(cm: torch.Tensor, classes: list[str], path: Path, title: str) -> None:
-    n = len(classes)
-    frac = cm.float() / cm.sum(dim=1, keepdim=True).clamp_min(1)  # row-normalised
-    fig, ax = plt.subplots(figsize=(min(2 + 0.6 * n, 14), min(1.6 + 0.6 * n, 13)))
-    ax.imshow(frac.numpy(), cmap="Blues", vmin=0, vmax=1)
-    for i in range(n):
-        for j in range(n):
-            colour = "white" if frac[i, j] > 0.5 else "black"
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7, color=colour)
-    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n), classes, fontsize=8)
-    ax.set(xlabel="predicted", ylabel="true", title=title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def image_grid(images: torch.Tensor, titles: list[str], path: Path, ncols: int = N_SHOW) -> None:
-    """Pixels (N, 3, H, W) in 0..255 -> a PNG grid, each image with its (wrapped) title above it."""
-    n = len(images)
-    ncols = max(1, min(ncols, n))
-    nrows = math.ceil(n / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(1.8 * ncols, 2.2 * nrows), squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if i < n:
-            ax.imshow(images[i].clamp(0, 255).byte().permute(1, 2, 0).numpy(), interpolation="nearest")
-            lines = [w for line in titles[i].split("\n") for w in textwrap.wrap(line, 24)]
-            ax.set_title("\n".join(lines[:5]), fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------------------------------------------- evaluation
-def load_model(checkpoint: Path, prep_dir: Path, codebooks: dict[str, str] | None = None, expect: str | None = None):
+def load_model(checkpoint: Path, prep_dir: Path, codebooks: dict[str, str] | None = None, expect: str | None = None,
+               role: str | None = None):
     """A trainer checkpoint -> (name, model in eval mode, BatchContext on prep_dir's stats and the model's codebook).
 
+    expect: the model name it must hold; role: the round-trip role its model must play (table `role`).
     codebooks default to the paths the checkpoint recorded at training time."""
     model, ckpt = build_from_checkpoint(checkpoint)
     name = ckpt["model"]
     if expect is not None and name != expect:
         raise ValueError(f"{checkpoint} holds a {name} model, not a {expect}")
+    if role is not None and spec(name).role != role:
+        raise ValueError(f"{checkpoint} holds a {name} model, which is no {role} (model table `role`)")
     need = spec(name).codebook
     paths = {**(ckpt.get("codebooks") or {}), **(codebooks or {})}
     if need and need not in paths:
@@ -129,6 +87,7 @@ class Run:
     split: str
     max_samples: int | None
     out: Path
+    vocab: Vocabulary | None = None
 
     def samples(self, limit: int | None = None) -> Iterator[list[dict]]:
         """Decoded samples of the split in file order, in batches, at most min(limit, max_samples) in all."""
@@ -136,7 +95,7 @@ class Run:
         left = min(caps) if caps else math.inf
         if left < 1:
             raise ValueError(f"max_samples={self.max_samples} leaves nothing to evaluate; use None or >= 1")
-        urls = loader.shard_urls(self.ctx.data.prep_dir, spec(self.name).modality, self.split)
+        urls = shard_urls(self.ctx.data.prep_dir, spec(self.name).modality, self.split)
         for batch in loader.batches(urls, BATCH_SIZE, train=False, split_nodes=False):
             yield batch[: int(min(left, len(batch)))]
             left -= len(batch)
@@ -149,15 +108,18 @@ class Run:
     def batch(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         return spec(self.name).make_batch(samples, self.ctx)
 
+    def heldout(self, sample: dict) -> bool:
+        return self.vocab is not None and self.vocab.is_heldout(sample["info"].get("meta") or {})
+
 
 def eval_classifier(run: Run) -> tuple[dict, list[str]]:
     logits, labels, heldout = [], [], []
     for samples in run.samples():
         batch = run.batch(samples)
-        with _amp():
+        with amp():
             logits.append(run.model(batch)[0].float())
         labels.append(batch["label"])
-        heldout += [is_heldout(s["info"].get("meta") or {}) for s in samples]
+        heldout += [run.heldout(s) for s in samples]
     logits, labels, heldout = torch.cat(logits), torch.cat(labels), torch.tensor(heldout, dtype=torch.bool)
     classes = run.ctx.data.modality(spec(run.name).modality)["classes"]
     metrics, rows, cm = classification_metrics(logits, labels, classes)
@@ -165,11 +127,11 @@ def eval_classifier(run: Run) -> tuple[dict, list[str]]:
     if heldout.any():
         metrics["heldout_accuracy"] = (logits[heldout].argmax(-1) == labels[heldout]).float().mean().item()
         metrics["n_heldout"] = float(heldout.sum())
-    _csv(run.out / "per_class.csv", ("class", "n", "accuracy"), rows)
-    (run.out / "per_class.md").write_text(_table(("class", "n", "accuracy"), rows) + "\n")
+    write_csv(run.out / "per_class.csv", ("class", "n", "accuracy"), rows)
+    (run.out / "per_class.md").write_text(table(("class", "n", "accuracy"), rows) + "\n")
     title = f"{run.name} on {run.split}: accuracy {metrics['accuracy']:.3f}"
-    _confusion_plot(cm, classes, run.out / "confusion.png", title)
-    return metrics, ["### Per class", _table(("class", "n", "accuracy"), rows)]
+    confusion_plot(cm, classes, run.out / "confusion.png", title)
+    return metrics, ["### Per class", table(("class", "n", "accuracy"), rows)]
 
 
 def nll_bits(run: Run) -> dict[str, float]:
@@ -187,10 +149,10 @@ def nll_bits(run: Run) -> dict[str, float]:
 
 
 def eval_imagegpt(run: Run) -> tuple[dict, list[str]]:
-    cfg, codes = run.model.cfg, run.ctx.data.codebook("pixels", "imagegpt")
+    cfg, codes = run.model.cfg, run.ctx.data.codebook("pixels")
     side = math.isqrt(cfg.seq_len)
     label = torch.arange(N_SHOW) % cfg.n_classes if cfg.n_classes else None
-    with _amp():
+    with amp():
         tokens = run.model.generate(N_SHOW, temperature=1.0, label=label, generator=torch.Generator().manual_seed(SEED))
     images = tokens_to_image(codes.codebook, tokens, 1, side, side)  # (N, 3, side, side) palette colours, 0..255
     image_grid(images, [f"sample {i}" for i in range(N_SHOW)], run.out / "samples.png")
@@ -199,9 +161,9 @@ def eval_imagegpt(run: Run) -> tuple[dict, list[str]]:
 
 def generate_images(model, ctx: BatchContext, captions: list[str]) -> torch.Tensor:
     """t2i: captions -> pixels (N, 3, S, S) in 0..255, sampled codes decoded through the image-patch codebook."""
-    codes, size = ctx.data.codebook("image", "t2i"), ctx.data.image_size
+    codes, size = ctx.data.codebook("image"), ctx.data.image_size
     src, g = TOKENIZER.batch_encode(captions, model.cfg.src_len), torch.Generator().manual_seed(SEED)
-    with _amp():
+    with amp():
         tokens = model.generate(src, temperature=1.0, top_k=T2I_TOP_K, generator=g)  # (N, (S/P)^2)
     return tokens_to_image(codes.codebook, tokens, codes.patch, size, size).clamp(0, 255)
 
@@ -219,19 +181,19 @@ def eval_t2i(run: Run) -> tuple[dict, list[str]]:
 def eval_tts(run: Run) -> tuple[dict, list[str]]:
     samples = run.first(N_SHOW)
     texts = [s["info"].get("text") or "" for s in samples]
-    with _amp():
+    with amp():
         generated, reference = audio_out.generate_speech(run.model, run.ctx, texts), mels(samples)
     sr = audio_out.mel_config(run.ctx.data.stats).sample_rate
     for prefix, mel in (("generated", generated), ("reference", reference)):  # reference: the vocoder's ceiling
         audio_out.write_wavs(audio_out.vocode(run.ctx.data.stats, mel), sr, run.out / "wav", prefix)
     audio_out.spectrogram_plot(generated, reference, texts, run.out / "spectrograms.png")
     rows = [(f"generated_{i:02d}.wav", t) for i, t in enumerate(texts)]
-    return nll_bits(run), ["### Generated speech", _table(("file", "transcript"), rows)]
+    return nll_bits(run), ["### Generated speech", table(("file", "transcript"), rows)]
 
 
 def transcribe(model, mel: torch.Tensor) -> list[str]:
     """asr: normalised log-mel (N, n_mels, n_frames) -> greedy transcripts."""
-    with _amp():
+    with amp():
         return TOKENIZER.batch_decode(model.generate(mel, temperature=0.0))
 
 
@@ -241,9 +203,9 @@ def eval_asr(run: Run) -> tuple[dict, list[str]]:
         refs += [s["info"].get("text") or "" for s in samples]
         hyps += transcribe(run.model, mels(samples))
     rows = list(zip(refs, hyps))[:N_EXAMPLES]
-    (run.out / "examples.md").write_text(_table(("reference", "hypothesis"), rows) + "\n")
+    (run.out / "examples.md").write_text(table(("reference", "hypothesis"), rows) + "\n")
     metrics = {"cer": cer(refs, hyps), "wer": wer(refs, hyps), "n": float(len(refs))}
-    return metrics, ["### Examples", _table(("reference", "hypothesis"), rows)]
+    return metrics, ["### Examples", table(("reference", "hypothesis"), rows)]
 
 
 def encode_texts(clip) -> Callable[[list[str]], torch.Tensor]:
@@ -254,75 +216,74 @@ def encode_texts(clip) -> Callable[[list[str]], torch.Tensor]:
         new = [t for t in dict.fromkeys(texts) if t not in cache]
         for i in range(0, len(new), 4 * BATCH_SIZE):
             chunk = new[i : i + 4 * BATCH_SIZE]
-            with _amp():
+            with amp():
                 cache.update(zip(chunk, clip.encode_text(TOKENIZER.batch_encode(chunk, clip.cfg.context_len)).float()))
         return torch.stack([cache[t] for t in texts])
     return encode
 
 
-def zero_shot_classifiers(clip) -> dict[str, tuple[list[str], torch.Tensor]]:
-    """{label set: (class names, weights (E, C))} for every label set of label_sets()."""
+def zero_shot_classifiers(clip, vocab: Vocabulary) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """{label set: (class names, weights (E, C))} for every label set of the vocabulary."""
     encode = encode_texts(clip)
-    return {name: (classes, zero_shot_weights(encode, p)) for name, (classes, p) in label_sets().items()}
+    return {name: (classes, zero_shot_weights(encode, p))
+            for name, (classes, p) in zero_shot_prompts(vocab.label_sets()).items()}
 
 
 def zero_shot(clip, images: torch.Tensor, classifiers: dict) -> tuple[dict[str, list[str]], torch.Tensor]:
     """Normalised images (N, 3, H, W) -> ({label set: predicted class name per image}, image embeddings (N, E))."""
-    with _amp():
+    with amp():
         z = clip.encode_image(images, normalize=True).float()  # (N, E), unit norm
     return {name: [classes[i] for i in (z @ w).argmax(-1).tolist()] for name, (classes, w) in classifiers.items()}, z
 
 
 def eval_clip(run: Run) -> tuple[dict, list[str]]:
     img, txt, metas, preds = [], [], [], {}
-    classifiers = zero_shot_classifiers(run.model)
+    classifiers = zero_shot_classifiers(run.model, run.vocab) if run.vocab else {}
     for samples in run.samples():
         batch = run.batch(samples)
         pred, z = zero_shot(run.model, batch["image"], classifiers)
         for k, v in pred.items():
             preds.setdefault(k, []).extend(v)
         img.append(z)
-        with _amp():
+        with amp():
             txt.append(run.model.encode_text(batch["text"], normalize=True).float())
         metas += [s["info"].get("meta") or {} for s in samples]
-    truth = {"shape": [m.get("shape") for m in metas], "colour": [m.get("colour") for m in metas]}
-    truth["combo"] = [f"{c} {s}" if s and c else None for s, c in zip(truth["shape"], truth["colour"])]
-    rows = hit_rates(preds, truth, [is_heldout(m) for m in metas])
-    metrics = {"n": float(len(metas))}
-    metrics.update({f"zero_shot/{k}_{'' if sub == 'all' else 'heldout_'}accuracy": acc for k, sub, _, acc in rows})
+    metrics, sections = {"n": float(len(metas))}, []
+    if run.vocab:
+        truths = [run.vocab.truth(m) for m in metas]
+        rows = hit_rates(preds, {k: [t[k] for t in truths] for k in classifiers},
+                         [run.vocab.is_heldout(m) for m in metas])
+        metrics.update({f"zero_shot/{k}_{'' if sub == 'all' else 'heldout_'}accuracy": acc for k, sub, _, acc in rows})
+        sections = ["### Zero-shot", table(("label set", "subset", "n", "accuracy"), rows)]
     sim = torch.cat(img) @ torch.cat(txt).T  # (N, N) image i against caption j
     for direction, s in (("i2t", sim), ("t2i", sim.T)):
         for k, r in retrieval_recall(s).items():
             metrics[f"retrieval/{direction}_recall_at_{k}"] = r
-    return metrics, ["### Zero-shot", _table(("label set", "subset", "n", "accuracy"), rows)]
+    return metrics, sections
 
 
-EVALUATORS: dict[str, Callable[[Run], tuple[dict, list[str]]]] = {
-    "vit": eval_classifier, "ast": eval_classifier, "imagegpt": eval_imagegpt, "t2i": eval_t2i, "tts": eval_tts,
-    "asr": eval_asr, "clip": eval_clip,
+# keyed by the model table's `evaluation` names (tasks/train/table.py)
+EVALUATIONS: dict[str, Callable[[Run], tuple[dict, list[str]]]] = {
+    "classifier": eval_classifier, "image-sampler": eval_imagegpt, "text-to-image": eval_t2i,
+    "text-to-speech": eval_tts, "transcriber": eval_asr, "image-text": eval_clip,
 }
-
-
-def _finish(tmp: Path, record: dict, title: str, metrics: dict, sections: list[str]) -> str:
-    """metrics.json + summary.md into tmp, metrics and artifacts into the _SUCCESS record; returns the summary."""
-    summary = "\n\n".join([f"## {title}", _table(("metric", "value"), list(metrics.items())), *sections]) + "\n"
-    write_json(tmp / "metrics.json", metrics)
-    (tmp / "summary.md").write_text(summary)
-    record.update(metrics=metrics, artifacts=sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file()))
-    return summary
 
 
 @torch.no_grad()
 def evaluate(model: str, checkpoint: Path, prep_dir: Path, out_dir: Path, codebooks: dict[str, str] | None = None,
-             split: str = "test", max_samples: int | None = None) -> dict:
+             split: str = "test", max_samples: int | None = None, vocab: Vocabulary | None = None) -> dict:
     """Evaluate a trainer checkpoint of `model` on `split` of prep_dir; artifacts into out_dir (atomically).
 
-    Returns {"metrics": {name: float}, "artifacts": [paths relative to out_dir], "summary": markdown}."""
-    if model not in EVALUATORS:
-        raise ValueError(f"no evaluation for model {model!r}; choose one of {', '.join(EVALUATORS)}")
+    vocab: what the data's captions name (the built-in set's: tasks/data/builtin/vocab.py BUILTIN), for zero-shot
+    label sets and held-out subsets. Returns {"metrics": {name: float}, "artifacts": [paths relative to out_dir],
+    "summary": markdown}."""
+    evaluation = spec(model).evaluation
+    if evaluation not in EVALUATIONS:
+        raise ValueError(f"no evaluation {evaluation!r} for model {model!r}; the model table names one of "
+                         f"{', '.join(EVALUATIONS)}")
     name, net, ctx = load_model(Path(checkpoint), Path(prep_dir), codebooks, expect=model)
     record: dict = {}
     with atomic_dir(out_dir, record) as tmp:
-        metrics, sections = EVALUATORS[model](Run(name, net, ctx, split, max_samples, tmp))
-        summary = _finish(tmp, record, f"{model} on {split}", metrics, sections)
+        metrics, sections = EVALUATIONS[evaluation](Run(name, net, ctx, split, max_samples, tmp, vocab))
+        summary = finish(tmp, record, f"{model} on {split}", metrics, sections)
     return {**record, "summary": summary}

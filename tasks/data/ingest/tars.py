@@ -11,8 +11,8 @@ import tarfile
 from pathlib import Path
 from typing import Iterator
 
-from tasks.ingest.decode import one_line
-from tasks.ingest.sources import (
+from tasks.data.ingest.decode import one_line
+from tasks.data.ingest.sources import (
     AUDIO_EXTS,
     IMAGE_EXTS,
     MODALITY_OF_EXT,

@@ -8,7 +8,7 @@
         --GriffinLim (phase from 32 iterations)-->  waveform (B, n_samples) at sample_rate
 
 `mel_config(stats)` rebuilds the MelConfig preprocess used (stats.json "audio.mel"), so the inverse transform has the
-forward one's sample rate, FFT size, window, hop, f_min and the slaney mel scale and norm (tasks/features.py).
+forward one's sample rate, FFT size, window, hop, f_min and the slaney mel scale and norm (tasks/data/features.py).
 `wave_to_model_mel` is the forward direction again, log-mel normalised with the train split's mean/std as preprocess
 does, for feeding synthesised speech to a recogniser (round trips).
 """
@@ -19,18 +19,15 @@ from dataclasses import fields
 from functools import lru_cache
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import soundfile as sf  # noqa: E402
-import torch  # noqa: E402
-import torchaudio  # noqa: E402
-
-from models.vq import tokens_to_spec  # noqa: E402
-from tasks.features import MelConfig, log_mel  # noqa: E402
-from tasks.registry import TOKENIZER, BatchContext  # noqa: E402
+from models.vq import tokens_to_spec
+from tasks.data.features import MelConfig, log_mel
+from tasks.train.batches import TOKENIZER, BatchContext
 
 GRIFFIN_LIM_ITERS = 32
 SEED = 0  # Griffin-Lim's random initial phase: the same mel gives the same waveform
@@ -82,7 +79,7 @@ def vocode(stats: dict, mel: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def generate_speech(model, ctx: BatchContext, texts: list[str]) -> torch.Tensor:
     """tts: B transcripts -> normalised log-mel (B, n_mels, n_frames), greedy codes decoded through the mel codebook."""
-    codes = ctx.data.codebook("mel", "tts")
+    codes = ctx.data.codebook("mel")
     tokens = model.generate(TOKENIZER.batch_encode(texts, model.cfg.src_len))  # (B, n_patches)
     return tokens_to_spec(codes.codebook, tokens, codes.patch, *ctx.data.mel_grid)
 
@@ -107,7 +104,8 @@ def spectrogram_plot(generated: torch.Tensor, reference: torch.Tensor | None, ti
     """One row per example: the generated normalised log-mel (n_mels, n_frames) beside its reference."""
     cols = 1 if reference is None else 2
     n = len(generated)
-    fig, axes = plt.subplots(n, cols, figsize=(3.2 * cols, 1.7 * n + 0.3), squeeze=False)
+    fig = Figure(figsize=(3.2 * cols, 1.7 * n + 0.3))
+    axes = fig.subplots(n, cols, squeeze=False)
     for i in range(n):
         pairs = [(labels[0], generated[i])] + ([] if reference is None else [(labels[1], reference[i])])
         for j, (name, mel) in enumerate(pairs):
@@ -118,4 +116,3 @@ def spectrogram_plot(generated: torch.Tensor, reference: torch.Tensor | None, ti
             ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)

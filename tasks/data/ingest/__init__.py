@@ -46,9 +46,9 @@ from typing import Iterable, Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.common import atomic_dir, progress, read_success, sha256_bytes, write_json
-from tasks.ingest.decode import DecodeError, Decoded, decode_audio, decode_image, one_line
-from tasks.ingest.sources import (
+from tasks.infra.common import atomic_dir, progress, read_success, sha256_bytes, write_json
+from tasks.data.ingest.decode import DecodeError, Decoded, decode_audio, decode_image, one_line
+from tasks.data.ingest.sources import (
     AUDIO_EXTS,
     IMAGE_EXTS,
     KEY_HEX,
@@ -67,7 +67,7 @@ from tasks.ingest.sources import (
     quarantine_entry,
     read_table,
 )
-from tasks.ingest.tars import SHARD_ERROR, plan_shards, read_shard
+from tasks.data.ingest.tars import SHARD_ERROR, plan_shards, read_shard
 
 __all__ = [
     "AUDIO_EXTS", "IMAGE_EXTS", "ITEMS_SCHEMA", "KEY_HEX", "QUARANTINE_SCHEMA", "SHARD_ERROR", "SPLITS", "STAGE",

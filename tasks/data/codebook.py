@@ -13,15 +13,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
+import numpy as np
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from models.vq import Codebook, fit_kmeans  # noqa: E402
-from tasks.common import atomic_dir, write_json  # noqa: E402
+from models.vq import Codebook, fit_kmeans
+from tasks.infra.common import atomic_dir, write_json
 
 KINDS = ("pixels", "image", "mel")
 
@@ -65,7 +62,8 @@ def load_codebook(path: str | Path) -> Codebook:
 
 
 def _usage_plot(counts: np.ndarray, title: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 2.6))
+    fig = Figure(figsize=(6, 2.6))
+    ax = fig.subplots()
     order = np.sort(counts)[::-1]
     ax.bar(np.arange(len(order)), order, width=1.0, color="#4c72b0")
     ax.set_xlabel("code (sorted by use)")
@@ -73,7 +71,6 @@ def _usage_plot(counts: np.ndarray, title: str, path: Path) -> None:
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def fit_codebooks(prep_dir: Path, cfg: CodebookConfig, out_dir: Path) -> dict:

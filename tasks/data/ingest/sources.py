@@ -1,5 +1,5 @@
 """What users bring, as configuration and as a plan: which inputs exist, under which keys, with which label, text,
-split and meta. Folders and caption/transcript tables here; users' tar shards in tasks/ingest/tars.py.
+split and meta. Folders and caption/transcript tables here; users' tar shards in tars.py.
 
 Table paths are relative to the table's own folder unless absolute. A row whose file is also in the folder of the
 same modality joins that item (resolved paths compared); any other row is an item of its own. Keys are
@@ -20,8 +20,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from tasks.common import file_sha256
-from tasks.ingest.decode import one_line
+from tasks.infra.common import file_sha256
+from tasks.data.ingest.decode import one_line
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 AUDIO_EXTS = ("wav", "flac", "ogg", "mp3")

@@ -19,7 +19,7 @@ import torchaudio
 from PIL import Image
 
 if TYPE_CHECKING:
-    from tasks.ingest.sources import IngestConfig
+    from tasks.data.ingest.sources import IngestConfig
 
 
 class DecodeError(Exception):

@@ -6,7 +6,8 @@
 
 A checkpoint is written whole or not at all: locally to a temporary file, fsync'ed, then renamed over the old one;
 at a remote URL (s3://, gs://, memory://) as one PUT of the final object, which object stores make visible whole or
-not at all (tasks/storage.py). It loads only with torch.load(weights_only=True), never a pickle fallback.
+not at all (both: tasks/infra/storage.py `write_bytes`). It loads only with torch.load(weights_only=True), never a
+pickle fallback.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import random
 import numpy as np
 import torch
 
-from tasks import storage
+from tasks.infra import storage
 
 CKPT = "ckpt.pt"
 STATE = "train.json"
@@ -53,18 +54,9 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> None:
     """Write `ckpt` atomically: a kill never leaves a half-written checkpoint (see the module docstring)."""
-    loc = storage.location(path)
-    if storage.is_url(loc):
-        buf = io.BytesIO()
-        torch.save(ckpt, buf)
-        storage.write_bytes(loc, buf.getvalue())
-        return
-    tmp = loc.with_name(f".{loc.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, loc)
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    storage.write_bytes(path, buf.getvalue(), fsync=True)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
@@ -79,5 +71,5 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         return torch.load(source, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated zip, garbage, or objects outside the weights-only allowlist
         raise CheckpointError(f"checkpoint {loc} cannot be read ({type(exc).__name__}: {str(exc)[:300]}); it was "
-                              f"damaged or not written by tasks/train.py; delete {folder} to train from "
-                              "scratch") from exc
+                              f"damaged or not written by the trainer (tasks/train/trainer.py); delete {folder} to "
+                              "train from scratch") from exc

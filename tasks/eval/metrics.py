@@ -1,6 +1,7 @@
 """Evaluation metrics as pure functions: edit-distance error rates, classification, retrieval, CLIP zero-shot.
 
-No I/O and no models: tasks/evaluate.py feeds them model outputs; tests check them by hand.
+No I/O, no models and no dataset vocabulary: tasks/eval/evaluate.py feeds them model outputs and the label sets of
+the data's `Vocabulary` (tasks/data/builtin/vocab.py for the built-in set); tests check them by hand.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from tasks.synthetic import COLOURS, HELDOUT, SHAPES
 
 RECALL_KS = (1, 5, 10)
 # CLIP's prompt ensemble ("a {}." ... averaged); articles are fixed afterwards ("a orange" -> "an orange").
@@ -88,14 +88,11 @@ def prompt_ensemble(name: str) -> list[str]:
     return [re.sub(r"\ba (?=[aeiou])", "an ", t.format(name)) for t in TEMPLATES]
 
 
-def label_sets() -> dict[str, tuple[list[str], list[list[str]]]]:
-    """Zero-shot label sets -> (class names, prompts per class). Captions always name the colour with the shape, so a
-    shape's (colour's) ensemble runs over its phrases with every colour (shape): "a photo of a red circle." ..."""
-    colours = list(COLOURS)
-    combos = [f"{c} {s}" for s in SHAPES for c in colours]
-    return {"shape": (list(SHAPES), [[p for c in colours for p in prompt_ensemble(f"{c} {s}")] for s in SHAPES]),
-            "colour": (colours, [[p for s in SHAPES for p in prompt_ensemble(f"{c} {s}")] for c in colours]),
-            "combo": (combos, [prompt_ensemble(x) for x in combos])}
+def zero_shot_prompts(label_sets: dict[str, tuple[list[str], list[list[str]]]]):
+    """{label set: (class names, phrases per class)} -> {label set: (class names, prompts per class)}: each phrase
+    through the prompt ensemble ("a photo of a red circle." ...), a class's prompts averaged by zero_shot_weights."""
+    return {name: (classes, [[p for phrase in phrases for p in prompt_ensemble(phrase)] for phrases in per_class])
+            for name, (classes, per_class) in label_sets.items()}
 
 
 def hit_rates(pred: dict[str, list], want: dict[str, list], heldout: list[bool]) -> list[tuple[str, str, int, float]]:
@@ -107,9 +104,3 @@ def hit_rates(pred: dict[str, list], want: dict[str, list], heldout: list[bool])
             if hits:
                 rows.append((key, subset, len(hits), sum(hits) / len(hits)))
     return rows
-
-
-def is_heldout(meta: dict) -> bool:
-    """A sample whose (shape, colour) pair never occurs in training (synthetic.HELDOUT); audio meta names the shape
-    `word`."""
-    return (meta.get("shape") or meta.get("word"), meta.get("colour")) in HELDOUT

@@ -5,7 +5,7 @@ across runs). Here a `Path` input is keyed by its content: a finished task outpu
 record, any other file or folder by the sha256 of its bytes. Configs are keyed by their fields. An input named
 `root` (the output root) is keyed by an epoch file inside it, so deleting the whole output root invalidates every
 cached record that pointed into it. `parent_run_id` (where a task reports in MLflow) is not part of the key.
-A location given as an fsspec URL string (s3://, gs://, memory://, file://; tasks/storage.py) is keyed like a
+A location given as an fsspec URL string (s3://, gs://, memory://, file://; storage.py) is keyed like a
 `Path`: by its content, never by the URL text, and a `root` URL by the epoch object under it.
 """
 
@@ -19,8 +19,8 @@ from typing import Any
 
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 
-from tasks import storage
-from tasks.common import code_version, digest, file_sha256, read_success, to_jsonable, tree_digest
+from tasks.infra import storage
+from tasks.infra.common import code_version, digest, file_sha256, read_success, to_jsonable, tree_digest
 
 EPOCH = ".epoch"
 # inputs that say where to report, not what to compute: never part of a cache key
