@@ -28,6 +28,10 @@ def _configs(p: DataParams):
         caption_col=p.caption_col,
         transcript_path_col=p.transcript_path_col,
         transcript_col=p.transcript_col,
+        max_duration_s=p.max_clip_seconds,
+        max_pixels=p.max_pixels,
+        max_file_bytes=p.max_file_mb << 20,
+        decoder_threads=p.decoder_threads,
     )
     shard = ShardConfig(maxcount=p.shard_maxcount, val_fraction=p.val_fraction, test_fraction=p.test_fraction)
     mel = MelConfig(sample_rate=p.sample_rate, n_mels=p.n_mels, n_frames=p.n_frames)
@@ -62,6 +66,7 @@ def data_flow(params: DataParams = DataParams()) -> dict:
         sources = Sources(
             images=params.images, audio=params.audio, captions=params.captions,
             transcripts=params.transcripts, shards=tuple(params.shards),
+            allow_roots=tuple(str(r) for r in params.allow_roots),
         )
     store = storage.location(params.store) if params.store else root
     store = store.resolve() if isinstance(store, Path) else store

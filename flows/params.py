@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
@@ -32,6 +33,15 @@ class DataParams(BaseModel):
     caption_path_col: str = "image"
     transcript_col: str = "transcript"
     transcript_path_col: str = "audio"
+    # what ingest may read (README: What happens to bad input)
+    allow_roots: list[Path] = Field(
+        default_factory=list, description="more folders a table row or a symlink may point into (besides the "
+        "folders and the tables' folders named here)",
+    )
+    max_clip_seconds: float = Field(30.0, gt=0, description="longer audio clips are quarantined")
+    max_pixels: int = Field(40_000_000, ge=1, description="larger images are quarantined from their header")
+    max_file_mb: int = Field(256, ge=1, description="larger files and tar members are quarantined unread")
+    decoder_threads: int = Field(0, ge=0, description="ingest decoding threads (0: min(4, CPUs))")
     # audio features
     sample_rate: int = Field(16000, ge=4000)
     n_mels: int = Field(128, ge=8)
@@ -59,6 +69,14 @@ class DataParams(BaseModel):
             raise ValueError(f"{v} does not exist; pass an existing path")
         return v
 
+    @field_validator("allow_roots")
+    @classmethod
+    def _folders(cls, v: list[Path]) -> list[Path]:
+        for p in v:
+            if not Path(p).is_dir():
+                raise ValueError(f"{p} is not an existing folder; pass --allow-root DIR")
+        return v
+
 
 
 
@@ -72,7 +90,9 @@ class CodebookParams(BaseModel):
 
 class TrainParams(BaseModel):
     # the model table (tasks/train/table.py) is the only list of model names; it is read when a form is filled
-    models: list[str] = Field(default_factory=lambda: list(table.MODELS), description=f"any of {list(table.MODELS)}")
+    models: list[str] | None = Field(None, description=f"any of {list(table.MODELS)}; default: every model the "
+                                     "data can feed (labels: classifiers; captions: CLIP, text-to-image; "
+                                     "transcripts: speech recognition and synthesis)")
     preset: str = Field("default", description="model sizes: default (CPU minutes) or tiny (tests)")
     steps: int | None = Field(None, ge=1, description="optimiser steps for every model (default: each model's own)")
     batch_size: int | None = Field(None, ge=1)
@@ -86,20 +106,24 @@ class TrainParams(BaseModel):
 
     @field_validator("models")
     @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        bad = [m for m in v if m not in table.MODELS]
+    def _known(cls, v: list[str] | None) -> list[str] | None:
+        bad = [m for m in v or [] if m not in table.MODELS]
         if bad:
             raise ValueError(f"unknown model(s) {bad}; choose from {list(table.MODELS)}")
         return v
 
 
 class EvalParams(BaseModel):
-    max_samples: int | None = Field(500, ge=1, description="cap on test samples per model (None: all)")
+    max_samples: int | None = Field(None, ge=1, description="cap on test samples per model (default: the whole "
+                                    "test split)")
     roundtrips: bool = Field(True, description="text-to-image -> ViT/CLIP and text-to-speech -> ASR")
 
 
 class IndexParams(BaseModel):
     exact_threshold: int = Field(50_000, ge=1, description="exact search below this many images, HNSW above")
+    splits: list[Literal["train", "val", "test"]] = Field(
+        ["train"], min_length=1, description="the splits whose images are indexed (default: train only, so the test "
+        "split stays unseen)")
 
 
 class PipelineParams(BaseModel):

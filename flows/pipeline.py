@@ -8,19 +8,21 @@ trained ViT's stem) trains after it, and its cache key includes that checkpoint.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import flow, runtime
 from prefect.artifacts import create_markdown_artifact
 
 from flows.data import data_flow
+from flows.deploy import train_slot_watch
 from flows.params import PipelineParams
 from tasks import stages
 from tasks.infra import tracking
 from tasks.data.codebook import CodebookConfig
 from tasks.index import IndexConfig
 from tasks.train.batches import CODEBOOKS
-from tasks.train.table import spec, with_role
+from tasks.train.table import plan, spec, with_role
 from tasks.train.trainer import default_train_config
 
 
@@ -37,16 +39,75 @@ def train_order(models: list[str]) -> list[str]:
     return [m for m in models if m in sources] + [m for m in models if m not in sources]
 
 
+def plan_models(params: PipelineParams, stats: dict) -> list[str]:
+    """The models to train, in training order: those named (or every model the data can feed), one printed line per
+    model left out and why; a named model the data cannot feed is a one-line ValueError before any training."""
+    planned, skipped = plan(params.train.models, stats, params.train.batch_size)
+    for m, why in skipped.items():
+        print(f"skipping {m}: {why}")
+    if not planned:
+        raise ValueError("the data can feed none of the models: " + "; ".join(f"{m}: {w}" for m, w in skipped.items()))
+    return train_order(planned)
+
+
+def codebook_config(params: PipelineParams, models: list[str]) -> CodebookConfig:
+    """The codebook stage's config, fitting only the codebooks the planned models read."""
+    kinds = tuple(k for k in CODEBOOKS if any(spec(m).codebook == k for m in models))
+    return CodebookConfig(**params.codebooks.model_dump(), kinds=kinds)
+
+
+def _fmt(v) -> str:
+    return str(int(v)) if float(v).is_integer() and abs(v) >= 10 else f"{v:.3g}"
+
+
 def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None) -> str:
-    lines = ["| model | steps | val loss | test metrics |", "|---|---|---|---|"]
+    """One row per model: its headline test metric first (table `headline`), then validation, then the rest."""
+    lines = ["| model | steps | headline (test) | val | other test metrics |", "|---|---|---|---|---|"]
     for m, rec in trained.items():
-        metrics = ", ".join(f"{k} {v:.3g}" for k, v in sorted(evals.get(m, {}).get("metrics", {}).items())[:6])
-        lines.append(f"| {m} | {rec['steps']} | {rec.get('final_val_loss') or float('nan'):.3f} | {metrics} |")
-    if trips:
-        lines += ["", "round trips: " + ", ".join(f"{k} {v:.3g}" for k, v in sorted(trips["metrics"].items()))]
+        test = evals.get(m, {}).get("metrics", {})
+        head = next((k for k in spec(m).headline if k in test), None)
+        val = ", ".join(f"{k.removeprefix('val/')} {_fmt(v)}" for k, v in sorted(rec.get("metrics", {}).items()))
+        rest = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(test.items()) if k != head)
+        headline = f"{head} {_fmt(test[head])}" if head else ""
+        lines.append(f"| {m} | {rec['steps']} | {headline} | {val or 'no val split'} | {rest} |")
+    if trips and trips["metrics"]:
+        lines += ["", "round trips: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(trips["metrics"].items()))]
     if index:
-        lines += ["", f"CLIP index: `{index['path']}` — try `tessera search \"a red circle\"`"]
+        lines += ["", f"CLIP index: `{index['path']}` — search it with `tessera search TEXT` or `--image FILE`"]
     return "\n".join(lines)
+
+
+def _train_and_evaluate(params: PipelineParams, models: list[str], prep: Path, cb: dict, root: Path,
+                        run: dict) -> tuple[dict, dict]:
+    """Train each model (a model that starts from another after it: table `init`), then evaluate it."""
+    trained, evals = {}, {}
+    for m in models:
+        needs = {k: Path(cb[k]) for k in [spec(m).codebook] if k}
+        source = spec(m).init[0] if spec(m).init and params.train.init_from_trained else None
+        init = Path(trained[source]["checkpoint"]) if source in trained else None
+        trained[m] = stages.train_model.with_options(task_run_name=f"train-{m}")(
+            m, prep, needs, train_config(m, params), root, params.train.preset,
+            params.train.model_overrides.get(m), init_from=init, **run)
+        evals[m] = stages.evaluate_model.with_options(task_run_name=f"eval-{m}")(
+            m, Path(trained[m]["checkpoint"]), prep, needs, root, params.eval.max_samples,
+            run_id=trained[m]["run_id"], experiment=params.experiment, builtin=params.data.builtin)
+    return trained, evals
+
+
+def _across(params: PipelineParams, trained: dict, prep: Path, cb: dict, root: Path, run: dict):
+    """The round trips among the trained models that play their roles, and the CLIP index."""
+    ckpts = {m: Path(r["checkpoint"]) for m, r in trained.items()}
+    all_cbs = {k: Path(cb[k]) for k in CODEBOOKS if k in cb}
+    trip_ckpts = {m: c for m, c in ckpts.items() if spec(m).role}
+    trips = (stages.roundtrips(trip_ckpts, prep, all_cbs, root, builtin=params.data.builtin, **run)
+             if params.eval.roundtrips else None)
+    indexer = with_role("image-text", list(ckpts))
+    index = None
+    if indexer:
+        index = stages.clip_index(prep, ckpts[indexer], IndexConfig(exact_threshold=params.index.exact_threshold,
+                                                              splits=tuple(params.index.splits)),
+                                  root, **run)
+    return trips, index
 
 
 @flow(name="pipeline", log_prints=True)
@@ -54,32 +115,16 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     data = data_flow(params.data)
     root = Path(params.data.root).resolve()
     prep = Path(data["prep"]["path"])
-    with tracking.start_run(params.experiment, f"pipeline-{runtime.flow_run.name or 'local'}",
-                            tags={"prefect.flow_run_id": str(runtime.flow_run.id)}) as parent:
+    models = plan_models(params, json.loads((prep / "stats.json").read_text()))
+    with (tracking.start_run(params.experiment, f"pipeline-{runtime.flow_run.name or 'local'}",
+                             tags={"prefect.flow_run_id": str(runtime.flow_run.id)}) as parent,
+          train_slot_watch(runtime.flow_run.id)):  # a training that waits for a GPU slot says for what
         parent.log_params(params.model_dump(mode="json"))
         parent.log_dataset("tessera-shards", data["shards"]["digest"], data["shards"]["path"])
         run = dict(parent_run_id=parent.run_id, experiment=params.experiment)
-        cb = stages.fit_codebooks(prep, CodebookConfig(**params.codebooks.model_dump()), root, **run)
-        trained, evals = {}, {}
-        for m in train_order(params.train.models):
-            needs = {k: Path(cb[k]) for k in [spec(m).codebook] if k}
-            source = spec(m).init[0] if spec(m).init and params.train.init_from_trained else None
-            init = Path(trained[source]["checkpoint"]) if source in trained else None
-            trained[m] = stages.train_model.with_options(task_run_name=f"train-{m}")(
-                m, prep, needs, train_config(m, params), root, params.train.preset,
-                params.train.model_overrides.get(m), init_from=init, **run)
-            evals[m] = stages.evaluate_model.with_options(task_run_name=f"eval-{m}")(
-                m, Path(trained[m]["checkpoint"]), prep, needs, root, params.eval.max_samples,
-                run_id=trained[m]["run_id"], experiment=params.experiment)
-        ckpts = {m: Path(r["checkpoint"]) for m, r in trained.items()}
-        all_cbs = {k: Path(cb[k]) for k in CODEBOOKS if k in cb}
-        trip_ckpts = {m: c for m, c in ckpts.items() if spec(m).role}
-        trips = stages.roundtrips(trip_ckpts, prep, all_cbs, root, **run) if params.eval.roundtrips else None
-        index = None
-        indexer = with_role("image-text", list(ckpts))
-        if indexer:
-            index = stages.clip_index(prep, ckpts[indexer], IndexConfig(exact_threshold=params.index.exact_threshold),
-                                      root, **run)
+        cb = stages.fit_codebooks(prep, codebook_config(params, models), root, **run)
+        trained, evals = _train_and_evaluate(params, models, prep, cb, root, run)
+        trips, index = _across(params, trained, prep, cb, root, run)
         summary = _summary(trained, evals, trips, index)
         parent.client.log_text(parent.run_id, summary, "summary.md")
     create_markdown_artifact(summary, key="pipeline-summary", description="tessera pipeline")

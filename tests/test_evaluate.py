@@ -205,6 +205,16 @@ def test_evaluate_clip_known_answers(world):
     assert all(m[f"retrieval/{d}_recall_at_{k}"] == 1.0 for d in ("i2t", "t2i") for k in (1, 5, 10))
 
 
+def test_evaluate_clip_on_other_data_uses_its_class_names(world):
+    """Without the built-in vocabulary, zero-shot runs on the data's own labels ("a photo of a circle." ...): a blank
+    CLIP picks the first class for every image."""
+    res = ev.evaluate("clip", world["blank"]["clip"], world["prep"], world["tmp"] / "out-clip-labels")
+    m, rows = res["metrics"], split_rows(world, "image")
+    classes = json.loads((world["prep"] / "stats.json").read_text())["image"]["classes"]
+    assert m["zero_shot/label_accuracy"] == pytest.approx(sum(r["label"] == classes[0] for r in rows) / len(rows))
+    assert not [k for k in m if "shape" in k or "colour" in k or "heldout" in k]
+
+
 def test_evaluate_clip_of_a_trained_model_orders_its_recalls(world):
     res = ev.evaluate("clip", world["ckpts"]["clip"], world["prep"], world["tmp"] / "out-clip-trained", vocab=BUILTIN)
     for d in ("i2t", "t2i"):

@@ -14,6 +14,9 @@ import torch
 from PIL import Image
 
 from models.vit import ViT, ViTConfig
+from tasks.index.build import CollapsedEmbeddingsError, check_spread
+from tasks.infra.checkpoint import load_checkpoint
+from tasks.infra.checkpoint import save_checkpoint as save_trainer_checkpoint
 from tasks.index import (
     EMBEDDINGS_FILE,
     ROWS_FILE,
@@ -43,8 +46,39 @@ def built(tmp_path):
     images = write_prep(prep)
     ckpt = save_checkpoint(tmp_path / "ckpt.pt")
     out = tmp_path / "index"
-    record = build_index(prep, ckpt, out, IndexConfig(batch_size=8))
+    record = build_index(prep, ckpt, out, IndexConfig(batch_size=8, splits=("train", "val")))
     return {"prep": prep, "ckpt": ckpt, "out": out, "record": record, "images": images}
+
+
+def test_the_index_holds_the_train_split_by_default(tmp_path):
+    write_prep(tmp_path / "prep")
+    build_index(tmp_path / "prep", save_checkpoint(tmp_path / "ckpt.pt"), tmp_path / "index", IndexConfig())
+    rows = pq.read_table(tmp_path / "index" / ROWS_FILE).to_pylist()
+    assert len(rows) == 10 and {r["split"] for r in rows} == {"train"}
+    assert json.loads((tmp_path / "index" / "provenance.json").read_text())["splits"] == ["train"]
+
+
+def test_collapsed_embeddings_are_refused(tmp_path):
+    """A CLIP whose weights are all zero embeds every image as the same vector: no index is built."""
+    write_prep(tmp_path / "prep")
+    ckpt = load_checkpoint(save_checkpoint(tmp_path / "ckpt.pt"))
+    ckpt["state_dict"] = {k: torch.zeros_like(v) for k, v in ckpt["state_dict"].items()}
+    save_trainer_checkpoint(tmp_path / "blank.pt", ckpt)
+    with pytest.raises(CollapsedEmbeddingsError, match=r"collapsed \(mean per-dimension std 0\.00e\+00 < 0\.005\)"):
+        build_index(tmp_path / "prep", tmp_path / "blank.pt", tmp_path / "index", IndexConfig())
+    assert not (tmp_path / "index").exists()
+
+
+def test_one_image_that_every_caption_finds_is_a_collapse():
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((50, 8)).astype(np.float32)
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    valid = np.ones(50, dtype=bool)
+    spread = check_spread(img, img, valid, IndexConfig())  # every caption finds its own image
+    assert spread["top1_share"] == pytest.approx(1 / 50)
+    every_caption_is_image_0 = np.repeat(img[:1], 50, axis=0)
+    with pytest.raises(CollapsedEmbeddingsError, match="100% of 50 caption probes find the same top image"):
+        check_spread(img, every_caption_is_image_0, valid, IndexConfig())
 
 
 def test_build_writes_one_row_per_image(built):

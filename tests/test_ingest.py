@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 
@@ -199,12 +200,14 @@ def test_cut_tar_header_and_duplicates(tmp_path):
     table.write_text("image,caption\nx.png,first\nx.png,second\n")
     res = ingest(Sources(captions=table, shards=(str(tmp_path / "a.tar"), str(tmp_path / "*.tar"),
                                                  str(tmp_path / "b" / "a.tar"))), CFG, tmp_path / "out")
-    reasons = sorted(e["reason"] for e in read_quarantine(res))
-    assert sum(r.startswith("duplicate of") for r in reasons) == 2  # a.tar's key 0 again, caption row 2
-    assert any(r.startswith("tar shard is truncated") for r in reasons)
-    # x.png, a.tar's 3 keys, b/a.tar's 3 (its repeated key 0, cut inside a header, is quarantined, not a duplicate)
-    assert res.n_items["image"] == 1 + 3 + 3 and len({r["key"] for r in read_items(res)}) == 7
-    assert "sample cut off by the shard error" in reasons
+    q = {(e["source"].removeprefix(f"{tmp_path}/"), e["reason"].split(":")[0]) for e in read_quarantine(res)}
+    # key 0 again after keys 1 and 2: a split sample, refused whole in both shards (its first part taken back);
+    # in b/a.tar its second part is also the sample the cut header stopped
+    assert q == {("caps.csv#row2", "duplicate of an earlier row"), ("a.tar#000000000", "split sample"),
+                 ("b/a.tar#000000000", "split sample"), ("b/a.tar#000000000", "sample cut off by the shard error"),
+                 ("b/a.tar", "tar shard is truncated")}
+    # x.png, a.tar's keys 1 and 2, b/a.tar's keys 1 and 2 (the glob's a.tar is the same file, read once)
+    assert res.n_items["image"] == 1 + 2 + 2 and len({r["key"] for r in read_items(res)}) == 5
 
 
 # ---- audio ---------------------------------------------------------------------------------------------------------
@@ -354,7 +357,7 @@ def test_keys_stable_when_items_are_added_and_the_folder_moves(tmp_path, monkeyp
     assert pq.ParquetFile(first.items_path).metadata.num_row_groups == 3
 
     # rerun: the finished directory answers without decoding anything
-    monkeypatch.setattr(ing, "decode_image", lambda data: pytest.fail("decoded again"))
+    monkeypatch.setattr(ing, "decode_image", lambda *a: pytest.fail("decoded again"))
     assert ingest(sources, CFG, tmp_path / "o1") == first
     monkeypatch.undo()
 
@@ -382,11 +385,11 @@ def test_an_exception_midway_leaves_no_output(tmp_path, monkeypatch, where):
         save_image(tmp_path / "images" / "c" / f"{i}.png", colour=(i, i, i))
     calls = []
 
-    def decode_then_fail(data):
+    def decode_then_fail(data, *limits):
         calls.append(1)
         if len(calls) == 3:
             raise Boom("decoder blew up")
-        return real_decode(data)
+        return real_decode(data, *limits)
 
     def fail_writing(*args):
         raise RuntimeError("disk full")
@@ -399,3 +402,79 @@ def test_an_exception_midway_leaves_no_output(tmp_path, monkeypatch, where):
     with pytest.raises((Boom, RuntimeError)):
         ingest(Sources(images=tmp_path / "images"), CFG, tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]  # no out, no temp sibling
+
+
+# ---- cache keys follow the inputs' content (issue 14 item 5) -------------------------------------------------------
+
+
+def test_shard_globs_are_keyed_by_the_files_they_match(tmp_path):
+    """`--shards 'dir/*.tar'` was keyed by the glob's text: a shard rewritten in place, or a new file matching the
+    glob, left the key as it was. Both keys (the output folder's and the pipeline cache's) now follow every file the
+    glob expands to (path, size, mtime_ns) and every folder and table file (content / stat)."""
+    d = tmp_path / "shards"
+    d.mkdir()
+    write_tar(d / "a.tar", [img2dataset_sample(0)])
+    (tmp_path / "t").mkdir()
+    save_image(tmp_path / "t" / "x.png")
+    (tmp_path / "t" / "caps.csv").write_text("image,caption\nx.png,hello\n")
+    sources = Sources(shards=(str(d / "*.tar"),), captions=tmp_path / "t" / "caps.csv")
+
+    def keys():
+        return digest_sources(sources, CFG), sources.cache_key()
+
+    first = keys()
+    assert keys() == first  # nothing touched: the same keys (a re-run is Cached)
+    st = (d / "a.tar").stat()
+    data = (d / "a.tar").read_bytes().replace(b"photo 0", b"photo 9")  # rewritten in place, the same size
+    (d / "a.tar").write_bytes(data)
+    os.utime(d / "a.tar", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a later write (not within one mtime tick)
+    rewritten = keys()
+    assert rewritten[0] != first[0] and rewritten[1] != first[1]
+    write_tar(d / "b.tar", [img2dataset_sample(2)])  # a new file matching the glob
+    added = keys()
+    assert added[0] != rewritten[0] and added[1] != rewritten[1]
+    save_image(tmp_path / "t" / "x.png", colour=(0, 0, 0))  # a file only the table names, changed
+    changed = keys()
+    assert changed[0] != added[0] and changed[1] != added[1]
+
+
+# ---- limits users can set (issue 14 item 9) ------------------------------------------------------------------------
+
+
+def test_limits_are_parameters(tmp_path):
+    save_audio(tmp_path / "a" / "x" / "long.wav", sr=8000, seconds=31.0)
+    save_audio(tmp_path / "a" / "x" / "short.wav")
+    save_image(tmp_path / "i" / "c" / "big.png", size=(200, 100))
+    save_image(tmp_path / "i" / "c" / "small.png", size=(10, 10))
+    sources = Sources(images=tmp_path / "i", audio=tmp_path / "a")
+
+    strict = ingest(sources, IngestConfig(max_pixels=10_000), tmp_path / "o1")
+    reasons = {q["source"].rsplit("/", 1)[-1]: q["reason"] for q in read_quarantine(strict)}
+    assert reasons == {"long.wav": "audio too long: 31.000 s > max_duration_s=30.0 (raise --max-clip-seconds)",
+                       "big.png": "image too large: 200 x 100 = 20000 pixels > max_pixels=10000 (raise --max-pixels)"}
+    loose = ingest(sources, IngestConfig(max_duration_s=60, decoder_threads=1), tmp_path / "o2")
+    assert loose.n_items == {"image": 2, "audio": 2} and loose.n_quarantined == 0
+    with pytest.raises(IngestError, match="decoder_threads"):
+        IngestConfig(decoder_threads=-1)
+
+
+def test_limits_and_allowed_roots_from_the_command_line(tmp_path):
+    from flows.cli import build_parser, data_params
+    from flows.data import _configs
+
+    (tmp_path / "i").mkdir()
+    (tmp_path / "r1").mkdir()
+    (tmp_path / "r2").mkdir()
+    args = build_parser().parse_args([
+        "data", "--images", str(tmp_path / "i"), "--allow-root", str(tmp_path / "r1"), "--allow-root",
+        str(tmp_path / "r2"), "--max-clip-seconds", "60", "--max-pixels", "1000", "--max-file-mb", "3",
+        "--decoder-threads", "2", "--config", "",
+    ])
+    params = data_params(args)
+    assert params.allow_roots == [tmp_path / "r1", tmp_path / "r2"]
+    cfg = _configs(params)[0]
+    assert (cfg.max_duration_s, cfg.max_pixels, cfg.max_file_bytes, cfg.decoder_threads) == (60, 1000, 3 << 20, 2)
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="--allow-root"):
+        data_params(build_parser().parse_args(["data", "--allow-root", str(tmp_path / "nope"), "--config", ""]))

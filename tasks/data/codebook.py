@@ -36,6 +36,7 @@ class CodebookConfig:
     batch_size: int | None = None  # None: full-batch Lloyd iterations; an int: mini-batch k-means
     min_usage: float = 0.25
     seed: int = 0
+    kinds: tuple[str, ...] = KINDS  # which to fit (the pipeline: those its models read)
 
     def __post_init__(self):
         for kind in KINDS:
@@ -43,6 +44,9 @@ class CodebookConfig:
                 raise ValueError(f"{kind}_k={getattr(self, f'{kind}_k')} must be >= 2")
         if not 0 <= self.min_usage <= 1:
             raise ValueError(f"min_usage={self.min_usage} must be within [0, 1]")
+        if set(self.kinds) - set(KINDS):
+            raise ValueError(f"kinds={self.kinds}: choose among {KINDS}")
+        object.__setattr__(self, "kinds", tuple(self.kinds))  # a list from JSON/YAML: hashable again
 
 
 def save_codebook(codebook: Codebook, path: Path, meta: dict) -> None:
@@ -78,7 +82,7 @@ def fit_codebooks(prep_dir: Path, cfg: CodebookConfig, out_dir: Path) -> dict:
     patches = Path(prep_dir) / "patches"
     record: dict = {"codebooks": {}, "metrics": {}}
     with atomic_dir(out_dir, record) as tmp:
-        for kind in KINDS:
+        for kind in cfg.kinds:
             src = patches / f"{kind}.npy"
             if not src.is_file() or np.load(src, mmap_mode="r").size == 0:
                 continue

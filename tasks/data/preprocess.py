@@ -13,6 +13,7 @@ split is normalised with them (a second pass), as the AST recipe does.
 
 from __future__ import annotations
 
+import collections
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,18 @@ class _PatchSampler:
 def _classes(manifest, modality: str) -> list[str]:
     labels = {r["label"] for r in manifest if r["modality"] == modality and r["label"] is not None}
     return sorted(labels)
+
+
+def data_facts(manifest, modality: str) -> dict:
+    """What the train split of one modality can feed (tasks/train/table.py `feeds` reads it): how many items, how
+    many carry a label and a text (caption or transcript), how many distinct texts, and the most common text's share
+    of the items that have one (1.0: every caption is the same)."""
+    train = [r for r in manifest if r["modality"] == modality and r["split"] == "train"]
+    texts = [r["text"] for r in train if r["text"]]
+    counts = collections.Counter(texts)
+    return {"train_items": len(train), "labelled": sum(r["label"] is not None for r in train),
+            "with_text": len(texts), "distinct_texts": len(counts),
+            "top_text_share": counts.most_common(1)[0][1] / len(texts) if texts else 0.0}
 
 
 def _info(sample: dict, classes: list[str]) -> dict:
@@ -195,8 +208,10 @@ def preprocess(shards: Path | str, cfg: PrepConfig, out_dir: Path | str) -> dict
         stats: dict = {"counts": counts}
         if "image" in counts:
             stats["image"] = _images(shards, tmp, cfg, _classes(manifest, "image"), counts["image"], rng)
+            stats["image"]["facts"] = data_facts(manifest, "image")
         if "audio" in counts:
             stats["audio"] = _audio(shards, tmp, cfg, _classes(manifest, "audio"), counts["audio"], rng)
+            stats["audio"]["facts"] = data_facts(manifest, "audio")
         write_json(tmp / "stats.json", stats)
         record.update(digest=tree_digest(tmp)[:32], counts=counts)
     return record

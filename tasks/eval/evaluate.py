@@ -222,11 +222,22 @@ def encode_texts(clip) -> Callable[[list[str]], torch.Tensor]:
     return encode
 
 
-def zero_shot_classifiers(clip, vocab: Vocabulary) -> dict[str, tuple[list[str], torch.Tensor]]:
-    """{label set: (class names, weights (E, C))} for every label set of the vocabulary."""
+def zero_shot_classifiers(clip, label_sets: dict) -> dict[str, tuple[list[str], torch.Tensor]]:
+    """{label set: (class names, phrases per class)} -> {label set: (class names, weights (E, C))}."""
     encode = encode_texts(clip)
-    return {name: (classes, zero_shot_weights(encode, p))
-            for name, (classes, p) in zero_shot_prompts(vocab.label_sets()).items()}
+    return {name: (classes, zero_shot_weights(encode, p)) for name, (classes, p) in zero_shot_prompts(label_sets).items()}
+
+
+def clip_label_sets(run: Run) -> tuple[dict, Callable[[dict], dict]]:
+    """Zero-shot label sets and each sample's truth: the vocabulary's (the built-in set: shape, colour, combo), else
+    the data's own class names when it has two or more ("label": "a photo of a {label}." ...), else none."""
+    if run.vocab:
+        return run.vocab.label_sets(), lambda s: run.vocab.truth(s["info"].get("meta") or {})
+    classes = run.ctx.data.modality("image").get("classes") or []
+    if len(classes) < 2:
+        return {}, lambda s: {}
+    return ({"label": (classes, [[c.replace("_", " ")] for c in classes])},
+            lambda s: {"label": s["info"].get("label")})
 
 
 def zero_shot(clip, images: torch.Tensor, classifiers: dict) -> tuple[dict[str, list[str]], torch.Tensor]:
@@ -237,8 +248,9 @@ def zero_shot(clip, images: torch.Tensor, classifiers: dict) -> tuple[dict[str, 
 
 
 def eval_clip(run: Run) -> tuple[dict, list[str]]:
-    img, txt, metas, preds = [], [], [], {}
-    classifiers = zero_shot_classifiers(run.model, run.vocab) if run.vocab else {}
+    img, txt, truths, heldout, preds = [], [], [], [], {}
+    label_sets, truth = clip_label_sets(run)
+    classifiers = zero_shot_classifiers(run.model, label_sets) if label_sets else {}
     for samples in run.samples():
         batch = run.batch(samples)
         pred, z = zero_shot(run.model, batch["image"], classifiers)
@@ -247,12 +259,11 @@ def eval_clip(run: Run) -> tuple[dict, list[str]]:
         img.append(z)
         with amp():
             txt.append(run.model.encode_text(batch["text"], normalize=True).float())
-        metas += [s["info"].get("meta") or {} for s in samples]
-    metrics, sections = {"n": float(len(metas))}, []
-    if run.vocab:
-        truths = [run.vocab.truth(m) for m in metas]
-        rows = hit_rates(preds, {k: [t[k] for t in truths] for k in classifiers},
-                         [run.vocab.is_heldout(m) for m in metas])
+        truths += [truth(s) for s in samples]
+        heldout += [run.heldout(s) for s in samples]
+    metrics, sections = {"n": float(len(truths))}, []
+    if classifiers:
+        rows = hit_rates(preds, {k: [t.get(k) for t in truths] for k in classifiers}, heldout)
         metrics.update({f"zero_shot/{k}_{'' if sub == 'all' else 'heldout_'}accuracy": acc for k, sub, _, acc in rows})
         sections = ["### Zero-shot", table(("label set", "subset", "n", "accuracy"), rows)]
     sim = torch.cat(img) @ torch.cat(txt).T  # (N, N) image i against caption j

@@ -37,7 +37,8 @@ def roundtrip_t2i(t2i_ckpt: Path, classifier_ckpt: Path, clip_ckpt: Path, prep_d
     with amp():
         vit_pred = vit({"image": (pixels / 255 - vctx.mean) / vctx.std})[0].argmax(-1).tolist()
     classes = vctx.data.modality("image")["classes"]
-    clip_pred, _ = zero_shot(clip, (pixels / 255 - cctx.mean) / cctx.std, zero_shot_classifiers(clip, vocab))
+    classifiers = zero_shot_classifiers(clip, vocab.label_sets())
+    clip_pred, _ = zero_shot(clip, (pixels / 255 - cctx.mean) / cctx.std, classifiers)
     got = {"vit_shape": [classes[i] for i in vit_pred], **clip_pred}
     wanted = [vocab.wanted(p) for p in prompts]
     want = {"shape": [s for s, _ in wanted], "colour": [c for _, c in wanted]}
@@ -99,12 +100,14 @@ class RoundTrip:
 
     roles: tuple[str, ...]
     run: Callable[..., dict]  # (checkpoints by role, prep_dir, codebooks, out_dir, vocab) -> record
+    needs_vocab: bool = False  # its prompts and judges are the data's vocabulary (the built-in set's)
 
 
 ROUND_TRIPS: dict[str, RoundTrip] = {
     "t2i": RoundTrip(("image-generator", "image-classifier", "image-text"),
                      lambda c, prep, cbs, out, vocab: roundtrip_t2i(c["image-generator"], c["image-classifier"],
-                                                                    c["image-text"], prep, cbs, out, vocab)),
+                                                                    c["image-text"], prep, cbs, out, vocab),
+                     needs_vocab=True),
     "tts": RoundTrip(("speech-generator", "speech-recogniser"),
                      lambda c, prep, cbs, out, vocab: roundtrip_tts(c["speech-generator"], c["speech-recogniser"],
                                                                     prep, cbs, out, vocab)),

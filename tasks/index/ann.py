@@ -31,6 +31,12 @@ class IndexConfig:
     recall_queries: int = 1000  # sample size for the recall measurement
     target_recall: float = 0.95  # the search knob is doubled until recall@k reaches this (0: measure only)
     seed: int = 0
+    splits: tuple[str, ...] = ("train",)  # which splits' images are indexed (the test split stays unseen)
+    # collapse checks (build.check_spread): the mean per-dimension std of the unit image embeddings (random unit
+    # vectors in E dimensions: about 1/sqrt(E), 0.125 at E=64), and the largest share of caption probes whose top
+    # hit is one and the same image
+    min_embedding_std: float = 0.005
+    max_top1_share: float = 0.5
 
     def __post_init__(self):
         if self.approx not in ("hnsw", "ivf"):
@@ -41,6 +47,9 @@ class IndexConfig:
             raise ValueError("batch_size, nprobe, hnsw_m, ef_search, recall_k and recall_queries must be >= 1")
         if not 0 <= self.target_recall <= 1:
             raise ValueError(f"target_recall={self.target_recall} must be in [0, 1]")
+        if not self.splits or set(self.splits) - {"train", "val", "test"}:
+            raise ValueError(f"splits={self.splits}: choose among train, val, test")
+        object.__setattr__(self, "splits", tuple(self.splits))
 
 
 def recall_at_k(approx_ids: np.ndarray, exact_ids: np.ndarray, k: int) -> float:

@@ -47,10 +47,14 @@ def image_stats(prep_dir: Path | str) -> dict:
     return {"size": int(image["size"]), "mean": list(image["mean"]), "std": list(image["std"])}
 
 
-def prepped_images(prep_dir: Path | str) -> Iterator[tuple[dict, np.ndarray]]:
-    """(row metadata, uint8 image (3, S, S)) for every image of every split, shard by shard in name order
+class CollapsedEmbeddingsError(ValueError):
+    """The CLIP's embeddings do not tell images apart: an index of them would rank at random."""
+
+
+def prepped_images(prep_dir: Path | str, splits=SPLITS) -> Iterator[tuple[dict, np.ndarray]]:
+    """(row metadata, uint8 image (3, S, S)) for every image of the given splits, shard by shard in name order
     (test-*, train-*, val-*), through the loader's reader (shards checked intact, decoded as training decodes them)."""
-    for split in sorted(SPLITS):
+    for split in sorted(splits):
         for tar in shard_urls(prep_dir, "image", split, allow_empty=True):
             shard = f"image/{storage.name(tar)}"  # relative to the prep dir
             for pos, s in enumerate(loader.shard_samples(tar)):
@@ -90,7 +94,8 @@ def _embed_prep(prep_dir: Path | str, model: CLIP, stats: dict, dev: torch.devic
     image_emb: list[np.ndarray] = []
     text_emb: list[np.ndarray] = []
     has_text: list[np.ndarray] = []
-    for batch in progress(_batches(prepped_images(prep_dir), cfg.batch_size), desc="index/embed", unit="batch"):
+    for batch in progress(_batches(prepped_images(prep_dir, cfg.splits), cfg.batch_size), desc="index/embed",
+                          unit="batch"):
         meta = [r for r, _ in batch]
         image_emb.append(embed_images(model, np.stack([img for _, img in batch]), stats["mean"], stats["std"],
                                       dev, cfg.bf16))
@@ -103,7 +108,8 @@ def _embed_prep(prep_dir: Path | str, model: CLIP, stats: dict, dev: torch.devic
         has_text.append(captioned)
         rows.extend(meta)
     if not rows:
-        raise ValueError(f"{storage.join(prep_dir, 'image')} holds no image shards: nothing to index")
+        raise ValueError(f"{storage.join(prep_dir, 'image')} holds no image shards in the splits {cfg.splits}: "
+                         "nothing to index")
     for i, r in enumerate(rows):
         r["id"] = i
     return rows, np.concatenate(image_emb), np.concatenate(text_emb), np.concatenate(has_text)
@@ -123,6 +129,26 @@ def _tables(rows: list[dict], img: np.ndarray, txt: np.ndarray, valid: np.ndarra
     return rows_table, emb_table
 
 
+def check_spread(img: np.ndarray, txt: np.ndarray, valid: np.ndarray, cfg: IndexConfig) -> dict:
+    """Refuse collapsed embeddings (CollapsedEmbeddingsError, one line with the figure and the threshold): image
+    embeddings whose mean per-dimension std is under cfg.min_embedding_std, or caption probes (up to 200) that
+    more than cfg.max_top1_share of the time find the same top image. Returns both figures."""
+    spread = float(img.std(axis=0).mean())
+    probes = txt[valid][:200]
+    top1 = (probes @ img.T).argmax(1) if len(probes) >= 20 and len(img) > 1 else np.zeros(0, dtype=np.int64)
+    share = float(np.bincount(top1).max() / len(top1)) if len(top1) else 0.0
+    figures = {"embedding_std": spread, "top1_share": share}
+    if spread < cfg.min_embedding_std:
+        raise CollapsedEmbeddingsError(
+            f"the CLIP's image embeddings have collapsed (mean per-dimension std {spread:.2e} < {cfg.min_embedding_std}"
+            "): its hits would be ties; train CLIP longer or on captions that tell images apart")
+    if share > cfg.max_top1_share:
+        raise CollapsedEmbeddingsError(
+            f"the CLIP's embeddings have collapsed: {share:.0%} of {len(top1)} caption probes find the same top image "
+            f"(> {cfg.max_top1_share:.0%}); train CLIP longer or on captions that tell images apart")
+    return figures
+
+
 def build_index(prep_dir: Path | str, checkpoint: Path | str, out_dir: Path | str,
                 cfg: IndexConfig = IndexConfig()) -> dict:
     """Embed every prepped image and caption with the CLIP at `checkpoint`, index the images, write `out_dir`.
@@ -134,6 +160,7 @@ def build_index(prep_dir: Path | str, checkpoint: Path | str, out_dir: Path | st
     dev = device(cfg.device)
     model, model_sha = load_clip(checkpoint, dev)
     rows, img, txt, valid = _embed_prep(prep_dir, model, stats, dev, cfg)
+    spread = check_spread(img, txt, valid, cfg)
 
     # the recall sample mixes image->image and caption->image queries, the two ways the index is searched
     rng = np.random.default_rng(cfg.seed)
@@ -156,6 +183,8 @@ def build_index(prep_dir: Path | str, checkpoint: Path | str, out_dir: Path | st
             "n": info["n"],
             "dim": info["dim"],
             "n_captions": int(valid.sum()),
+            "splits": list(cfg.splits),
+            "spread": spread,
             "prep": {"path": str(prep_dir), "digest": prep_digest(prep_dir)},
             "image": stats,
             "config": cfg,

@@ -7,6 +7,12 @@ record, any other file or folder by the sha256 of its bytes. Configs are keyed b
 cached record that pointed into it. `parent_run_id` (where a task reports in MLflow) is not part of the key.
 A location given as an fsspec URL string (s3://, gs://, memory://, file://; storage.py) is keyed like a
 `Path`: by its content, never by the URL text, and a `root` URL by the epoch object under it.
+
+A stage also names the output folder its inputs go to (`output`). The key then includes that folder's epoch, a
+random id beside it that is renewed whenever the folder is not finished (no `_SUCCESS`): a stored record whose
+output was deleted, or never finished, is not a hit, the task runs again, and the record it stores is under the key
+later runs compute while the folder is there. (Prefect finds a cached record by key only; it cannot be told to
+ignore one, so the key has to change.)
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import dataclasses
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
 
@@ -38,6 +44,19 @@ def root_epoch(root: Path | str) -> str:
     return storage.read_text(marker).strip()
 
 
+def output_epoch(out: Path | str) -> str:
+    """A random id kept beside an output folder (`.<name>.epoch`, local or at a URL), renewed whenever the folder has
+    no `_SUCCESS` (missing, deleted, or left unfinished): the same id while the folder stays finished, a new one on
+    every look while it is not."""
+    out = storage.location(out)
+    marker = storage.join(storage.parent(out), f".{storage.name(out)}.epoch")
+    if read_success(out) is None or not storage.exists(marker):
+        if isinstance(out, Path):
+            out.parent.mkdir(parents=True, exist_ok=True)
+        storage.write_bytes(marker, uuid.uuid4().hex.encode())
+    return storage.read_text(marker).strip()
+
+
 def path_digest(path: Path | str) -> str:
     """Content digest of a file or folder, local or at a URL (a finished task output answers with its recorded
     digest)."""
@@ -53,6 +72,8 @@ def path_digest(path: Path | str) -> str:
 
 
 def _key_of(value: Any) -> Any:
+    if not isinstance(value, type) and callable(getattr(value, "cache_key", None)):
+        return value.cache_key()  # an input that names its own content (ingest's Sources: never opens special files)
     if isinstance(value, Path) or storage.is_url(value):
         return path_digest(value)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
@@ -67,14 +88,21 @@ def _key_of(value: Any) -> Any:
 @dataclass
 class ContentDigest(CachePolicy):
     """Cache key = task source + the code it runs (`code`: modules/packages) + content digests of Path inputs +
-    config fields."""
+    config fields + the epoch of the output folder (`output`: the task's inputs by name -> that folder)."""
 
     code: tuple = ()
+    output: Callable[..., Path | str] | None = None
 
     def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str | None:
         if not task_ctx:
             return None
         parts = {}
+        if self.output is not None:
+            try:
+                out = self.output(**(inputs or {}))
+            except Exception:  # bad inputs: no key (no cache); the task runs and reports the error itself
+                return None
+            parts["<output>"] = output_epoch(out)
         for name, value in sorted((inputs or {}).items()):
             if name in NOT_KEYED:
                 continue
@@ -86,6 +114,7 @@ class ContentDigest(CachePolicy):
         return digest(task_ctx.task.name, source, code_version(*self.code) if self.code else "", parts, n=32)
 
 
-def content(*code) -> ContentDigest:
-    """The project's cache policy for a task whose work is done by the given modules/packages."""
-    return ContentDigest(code=tuple(code))
+def content(*code, output: Callable[..., Path | str] | None = None) -> ContentDigest:
+    """The project's cache policy for a task whose work is done by the given modules/packages and whose output
+    folder `output(**inputs)` names."""
+    return ContentDigest(code=tuple(code), output=output)

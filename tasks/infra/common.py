@@ -2,19 +2,25 @@
 
 A task writes its output under a directory named by a digest of (input digests, config, code version), into a
 temporary sibling first and renamed when complete, with a `_SUCCESS` record inside. A directory without `_SUCCESS`
-is never treated as finished, so an interrupted run leaves nothing that looks done. Locations may be fsspec URLs
-(s3://, gs://, memory://): there the folder is staged locally, uploaded, and `_SUCCESS` written last
-(storage.py says what stays atomic where).
+is never treated as finished, so an interrupted run leaves nothing that looks done, and a finished one is never
+deleted (a reader may be using it). One writer per output: a stage holds `output_lock` (a file lock beside the
+folder) while it reuses or builds it, so a second process waits and then reuses the result; the temporary folders
+of killed writers are removed when the lock is taken. Locations may be fsspec URLs (s3://, gs://, memory://): there
+the folder is staged locally, uploaded, and `_SUCCESS` written last (storage.py says what stays atomic where); a
+remote folder has no lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -43,6 +49,19 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def plain(obj: Any) -> Any:
+    """JSON values only (str, int, float, bool, None, dict with str keys, list): a record as JSON stores it and reads
+    it back, so a task returns the same record computed or cached. Paths become strings, tuples lists, numpy scalars
+    and arrays numbers and lists; anything else raises TypeError."""
+    return json.loads(json.dumps(to_jsonable(obj), default=_json_number))
+
+
+def _json_number(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):  # numpy scalars and arrays
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not a JSON value: {obj!r}")
 
 
 def digest(*parts: Any, n: int = 16) -> str:
@@ -107,6 +126,10 @@ def atomic_dir(final: str | Path, record: dict | None = None) -> Iterator[Path]:
 
     On an exception the temp directory is removed and `final` is untouched. The caller fills `record` (a dict it
     passed in) with what `_SUCCESS` should hold: counts, digests, relative paths.
+    A finished `final` (one with `_SUCCESS`) is never deleted or replaced, since a reader may be using it: when
+    another writer finished it first, this one's folder is dropped and `record` becomes the finished one's. An
+    unfinished leftover (no `_SUCCESS`: its writer died) is replaced. Stages hold `output_lock` around "reuse or
+    build", so only one writer builds an output and it is reused by the others.
     A remote `final` (an fsspec URL): the temp directory is a local one, uploaded on success with `_SUCCESS` last.
     """
     final = storage.location(final)
@@ -115,17 +138,135 @@ def atomic_dir(final: str | Path, record: dict | None = None) -> Iterator[Path]:
             yield tmp
         return
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = _temp_beside(final)
     tmp.mkdir()
     try:
         yield tmp
         write_json(tmp / SUCCESS, record if record is not None else {})
-        if final.exists():  # an unfinished leftover (no _SUCCESS) from an earlier crash: replace it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
+        _publish(tmp, final, record)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _temp_beside(final: Path) -> Path:
+    """`.<name>.tmp-<pid>-<random>` beside `final`: the pid says whose it is (`clean_stale_temps`)."""
+    return final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _publish(tmp: Path, final: Path, record: dict | None) -> None:
+    """Rename the finished `tmp` to `final`. rename() only replaces an empty folder, so a finished `final` is never
+    touched: ours is dropped instead. An unfinished leftover is first renamed aside (one atomic step), then removed."""
+    while True:
+        try:
+            os.rename(tmp, final)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        done = read_success(final)
+        if done is not None:  # another writer finished it first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+            if record is not None:
+                record.clear()
+                record.update(done)
+            return
+        aside = _temp_beside(final)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(final, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------- one writer
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _lock_file(final: Path) -> Path:
+    return final.parent / f".{final.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(final: str | Path) -> Iterator[None]:
+    """Hold the lock of one output folder: one writer per output. A stage holds it around "reuse `final` if it has
+    `_SUCCESS`, else build it", so a second process (or thread) writing the same output waits here, then finds the
+    finished folder and reuses it. Once the lock is held, temporary folders that killed writers left beside `final`
+    are removed (`clean_stale_temps`).
+
+    The lock is an `fcntl.flock` on `<parent>/.<name>.lock` (kept, never deleted: removing a lock file someone waits
+    on would let two writers in). flock locks are per open file, not per process: taking the lock of one output
+    twice in one thread waits forever. It serialises writers on one machine, and on a shared filesystem that
+    supports flock across machines (NFSv4, Lustre with flock enabled).
+    A remote `final` (an fsspec URL) has no local lock: nothing is locked or cleaned, and two writers of one remote
+    folder may both build it (the folders are content-addressed, so they write the same bytes; storage.py).
+    """
+    final = storage.location(final)
+    if isinstance(final, str):
+        yield
+        return
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(_lock_file(final), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            _say(f"waiting for another process writing {final}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            clean_stale_temps(final.parent, holding=final.name)
+            yield
+        finally:  # explicit: a child forked meanwhile (data-loader workers) shares this open file, not the lock
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def clean_stale_temps(folder: Path, holding: str | None = None) -> list[Path]:
+    """Remove the temporary folders (`.<name>.tmp-<pid>-<random>`) that killed writers left in `folder`; return them.
+
+    One is stale when its process is gone (`os.kill(pid, 0)` finds no such process) and no one holds the lock of its
+    output (`holding`: the output whose lock the caller holds). A live process's folder is never touched, nor one
+    whose output's lock is held (a writer on another machine of a shared filesystem, whose pid means nothing here)."""
+    removed = []
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = _TEMP.match(p.name)
+        if m is None or not p.is_dir() or _alive(int(m["pid"])):
+            continue
+        with _lock_free(folder / m["name"], held=m["name"] == holding) as free:
+            if free:
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+    if removed:
+        _say(f"removed {len(removed)} temporary folder(s) that killed writers left in {folder}")
+    return removed
+
+
+def _say(message: str) -> None:
+    print(f"tessera: {message}", file=sys.stderr, flush=True)  # one line on stderr, in the task's log under Prefect
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _lock_free(final: Path, held: bool) -> Iterator[bool]:
+    """True (holding it meanwhile) when the lock of output `final` is free or already ours."""
+    if held:
+        yield True
+        return
+    with open(_lock_file(final), "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -460,7 +460,8 @@ def tracked_run(job: Job, env: Env, run_id: str | None):
     """The MLflow run (a new one, or `run_id` continued) on rank 0; a stand-in that logs nothing elsewhere."""
     if not env.master:
         return contextlib.nullcontext(_NoRun())
-    return tracking.start_run(job.experiment, f"train-{job.model}", job.parent_run_id, run_id, job.tags)
+    return tracking.start_run(job.experiment, f"train-{job.model}", job.parent_run_id, run_id, job.tags,
+                              spool_dir=job.out_dir)  # metrics MLflow has not taken at a checkpoint wait there
 
 
 def report_start(job: Job, env: Env, data: Data, state: State, run) -> None:
@@ -508,6 +509,7 @@ def report_end(job: Job, env: Env, data: Data, state: State, run) -> dict:
               "out_dir": str(job.out_dir), "final_val_loss": state.val.get("val/loss"),
               "metrics": {k: float(v) for k, v in state.val.items()}}
     if env.master:
+        run.catch_up()  # MLflow may have been away: wait (bounded, saying so) until it has every metric
         run.client.log_artifact(run.run_id, str(job.ckpt_path), artifact_path="checkpoint")
         if job.register:
             s = job.model_spec

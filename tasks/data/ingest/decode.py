@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,9 @@ class Decoded:
     meta: dict = field(default_factory=dict)  # what decoding measured (original mode, rate, channels)
 
 
+MAX_PIXELS = 40_000_000  # IngestConfig.max_pixels' default
+# max_pixels decides (from the header, before decoding); Pillow's warning for images it considers large is noise here
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 _KEEP_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 _HIGH_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -60,12 +64,17 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def decode_image(data: bytes) -> Decoded:
-    """Decode fully (a truncated file fails here); keep an RGB PNG/JPEG/WebP's bytes, else re-encode as PNG."""
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Decoded:
+    """Decode fully (a truncated file fails here); keep an RGB PNG/JPEG/WebP's bytes, else re-encode as PNG. The size
+    is checked from the header before anything is decoded: a decompression bomb costs a header parse."""
     if not data:
         raise DecodeError("file is empty (0 bytes)")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # lazy: reads the header only
+            w, h = im.size
+            if w * h > max_pixels:
+                raise DecodeError(f"image too large: {w} x {h} = {w * h} pixels > max_pixels={max_pixels} "
+                                  "(raise --max-pixels)")
             im.load()
             fmt, mode = im.format, im.mode
             if fmt in _KEEP_FORMATS and mode == "RGB" and "transparency" not in im.info:
@@ -75,6 +84,10 @@ def decode_image(data: bytes) -> Decoded:
                 buf = io.BytesIO()
                 rgb.save(buf, format="PNG")
                 payload, ext, size = buf.getvalue(), "png", rgb.size
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as err:  # Pillow's own limit (2 x MAX_IMAGE_PIXELS), when max_pixels is above
+        raise DecodeError(f"image too large: {one_line(err)}") from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, struct.error ... on bad input
         raise DecodeError(f"cannot decode image: {one_line(err)}") from None
     return Decoded(payload, ext, width=size[0], height=size[1], meta={"orig_format": fmt, "orig_mode": mode})
@@ -103,7 +116,8 @@ def decode_audio(data: bytes, cfg: IngestConfig) -> Decoded:
         with sf.SoundFile(io.BytesIO(data)) as f:
             sr, channels, declared, fmt = f.samplerate, f.channels, f.frames, f.format
             if declared > 0 and declared / sr > cfg.max_duration_s:  # don't decode an hour to reject it
-                raise DecodeError(f"audio too long: {declared / sr:.3f} s > max_duration_s={cfg.max_duration_s}")
+                raise DecodeError(f"audio too long: {declared / sr:.3f} s > max_duration_s={cfg.max_duration_s} "
+                                  "(raise --max-clip-seconds)")
             x = f.read(dtype="float32", always_2d=True)  # (n_frames, channels)
             info = f.extra_info
     except DecodeError:
@@ -118,7 +132,8 @@ def decode_audio(data: bytes, cfg: IngestConfig) -> Decoded:
     if duration < cfg.min_duration_s:
         raise DecodeError(f"audio too short: {duration:.3f} s < min_duration_s={cfg.min_duration_s}")
     if duration > cfg.max_duration_s:
-        raise DecodeError(f"audio too long: {duration:.3f} s > max_duration_s={cfg.max_duration_s}")
+        raise DecodeError(f"audio too long: {duration:.3f} s > max_duration_s={cfg.max_duration_s} "
+                          "(raise --max-clip-seconds)")
     mono = x.mean(axis=1)  # (n_frames,)
     if sr != cfg.sample_rate:
         mono = torchaudio.functional.resample(torch.from_numpy(mono), sr, cfg.sample_rate).numpy()

@@ -1,37 +1,61 @@
 """What users bring, as configuration and as a plan: which inputs exist, under which keys, with which label, text,
-split and meta. Folders and caption/transcript tables here; users' tar shards in tars.py.
+split and meta. Folders and caption/transcript tables here; users' tar shards in tars.py; what may be read at all
+(regular files inside the allowed roots) in inputs.py.
 
 Table paths are relative to the table's own folder unless absolute. A row whose file is also in the folder of the
 same modality joins that item (resolved paths compared); any other row is an item of its own. Keys are
 f"{img|aud}-{sha1(identity)[:16]}", the identity being the path relative to its source root (folder or table folder).
+
+Two digests of the inputs:
+- `Sources.cache_key()`: the pipeline's cache key for them (tasks/infra/cache.py asks for it). Cheap and opening
+  nothing: the (relative path, size, modification time in ns) of every file ingest would read, of each table and of
+  every local file a table cell names, and each shard's stamp (inputs.shard_stamp), plus every refusal. A re-run
+  with nothing touched is Cached; touching a file re-runs the stage, which then finds its output folder by content.
+- `digest_sources(sources, cfg)`: names the output folder. The content (sha256) of every file ingest would read and
+  of each table; shards by their stamp (path, size, mtime: reading every shard's bytes would cost too much).
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
+import json
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from tasks.infra.common import file_sha256
 from tasks.data.ingest.decode import one_line
+from tasks.data.ingest.inputs import (
+    STAGE,
+    IngestError,
+    Ledger,
+    Refused,
+    check_file,
+    expand_shards,
+    inside,
+    is_url,
+    quarantine_entry,
+    roots_of,
+    scan_folder,
+    sha256_regular,
+    shard_stamp,
+    stamp,
+)
+
+__all__ = ["AUDIO_EXTS", "IMAGE_EXTS", "KEY_HEX", "KINDS", "SPLITS", "STAGE", "IngestConfig", "IngestError", "Job",
+           "Kind", "Ledger", "Sources", "check_sources", "digest_sources", "jsonable", "make_key", "parse_split",
+           "plan_kind", "quarantine_entry", "read_table", "text_cell"]
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 AUDIO_EXTS = ("wav", "flac", "ogg", "mp3")
 SPLITS = ("train", "val", "test")
-STAGE = "ingest"
 KEY_HEX = 16
-
-
-class IngestError(ValueError):
-    """A problem with what was passed in (not with one item): one line naming the value and the fix."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +64,8 @@ class Sources:
     audio: Path | None = None
     captions: Path | None = None
     transcripts: Path | None = None
-    shards: tuple[str, ...] = ()  # paths, glob patterns or brace patterns ("data/{00000..00009}.tar")
+    shards: tuple[str, ...] = ()  # paths, globs, brace patterns ("data/{00000..00009}.tar"), fsspec URLs, pipe:CMD
+    allow_roots: tuple[str, ...] = ()  # more folders a table row or a symlink may resolve into (absolute paths)
 
     def __post_init__(self):
         for name in ("images", "audio", "captions", "transcripts"):
@@ -49,10 +74,40 @@ class Sources:
                 object.__setattr__(self, name, Path(v))
         shards = (self.shards,) if isinstance(self.shards, (str, Path)) else self.shards
         object.__setattr__(self, "shards", tuple(str(s) for s in shards or ()))
+        roots = (self.allow_roots,) if isinstance(self.allow_roots, (str, Path)) else self.allow_roots
+        object.__setattr__(self, "allow_roots", tuple(os.path.abspath(os.path.expanduser(r)) for r in roots or ()))
         if not (self.images or self.audio or self.captions or self.transcripts or self.shards):
             raise IngestError(
                 "no sources given; pass at least one of --images, --audio, --captions, --transcripts, --shards"
             )
+
+    def roots(self) -> tuple[Path, ...]:
+        """The allowed roots, resolved: the folders named, the folders of the tables named, and `allow_roots`."""
+        tables = (t.parent for t in (self.captions, self.transcripts) if t is not None)
+        return roots_of([self.images, self.audio, *tables, *self.allow_roots])
+
+    def cache_key(self) -> str:
+        """The pipeline's cache key of these inputs (see the module docstring): stats, opens nothing but folders and
+        tables inside the allowed roots, never raises (a bad source fails in the stage, with its message)."""
+        h = hashlib.sha256()
+        roots, ledger = self.roots(), Ledger()
+        h.update(repr(("roots", roots)).encode())
+        for kind in KINDS:
+            root, table = getattr(self, kind.folder), getattr(self, kind.table)
+            if root is not None and root.is_dir():
+                for path, real in scan_folder(root, kind.exts, roots, ledger, kind.modality):
+                    h.update(repr((kind.folder, path.relative_to(root).as_posix(), stamp(real))).encode())
+            if table is not None:
+                h.update(repr((kind.table, str(table), stamp(table))).encode())
+                for cell, real in _table_files(table, roots):
+                    h.update(repr((kind.table, cell, stamp(real))).encode())
+        h.update(repr(sorted((e["source"], e["reason"]) for e in ledger.quarantine)).encode())
+        h.update(repr(sorted(ledger.skipped.items())).encode())
+        try:
+            h.update(repr([(why or shard_stamp(loc)) for loc, why in expand_shards(self.shards)]).encode())
+        except Exception as err:  # noqa: BLE001 - a missing shard or an unreachable store: the stage says which
+            h.update(repr(("shards", one_line(err))).encode())
+        return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -64,7 +119,10 @@ class IngestConfig:
     transcript_col: str = "transcript"
     label_col: str = "label"
     min_duration_s: float = 0.05
-    max_duration_s: float = 30.0
+    max_duration_s: float = 30.0  # --max-clip-seconds: longer clips are quarantined (checked from the header first)
+    max_pixels: int = 40_000_000  # --max-pixels: larger images are quarantined from their header, never decoded
+    max_file_bytes: int = 256 << 20  # --max-file-mb: larger files and tar members are quarantined, never read
+    decoder_threads: int = 0  # --decoder-threads: 0 = min(4, CPUs)
 
     def __post_init__(self):
         if self.sample_rate <= 0:
@@ -72,8 +130,11 @@ class IngestConfig:
         if not 0 <= self.min_duration_s < self.max_duration_s:
             raise IngestError(
                 f"min_duration_s={self.min_duration_s} and max_duration_s={self.max_duration_s} "
-                "must satisfy 0 <= min < max"
+                "must satisfy 0 <= min < max (--max-clip-seconds)"
             )
+        for name, low in (("max_pixels", 1), ("max_file_bytes", 1), ("decoder_threads", 0)):
+            if getattr(self, name) < low:
+                raise IngestError(f"{name}={getattr(self, name)} must be >= {low}")
 
 
 @dataclass(frozen=True)
@@ -102,7 +163,7 @@ class Job:
     key: str
     modality: str
     source: str
-    path: Path | None = None  # read in the worker ...
+    path: Path | None = None  # resolved and checked; read in the worker ...
     data: bytes | None = None  # ... or already in memory (shard member)
     label: str | None = None
     text: str | None = None
@@ -113,10 +174,6 @@ class Job:
 def make_key(modality: str, identity: str) -> str:
     """Deterministic, webdataset-safe ([A-Za-z0-9-], no dots) key of a source identity."""
     return f"{_PREFIX[modality]}-{hashlib.sha1(identity.encode()).hexdigest()[:KEY_HEX]}"
-
-
-def quarantine_entry(source: str, modality: str, reason: str) -> dict:
-    return {"source": source, "modality": modality, "reason": reason, "stage": STAGE}
 
 
 def text_cell(v: Any) -> str | None:
@@ -142,45 +199,8 @@ def parse_split(v: Any, where: str) -> tuple[str | None, str | None]:
     return None, f"invalid split: {where} has split {s!r}; use train, val, test or empty"
 
 
-def folder_files(root: Path, exts: tuple[str, ...]) -> list[Path]:
-    """Supported files under root, sorted; hidden files and folders skipped, extensions matched case-insensitively."""
-    files, visited = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in visited:  # a symlink loop
-            dirnames[:] = []
-            continue
-        visited.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            if not name.startswith(".") and name.rsplit(".", 1)[-1].lower() in exts and "." in name:
-                files.append(Path(dirpath) / name)
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def expand_shards(specs: Iterable[str]) -> list[Path]:
-    """Shard paths from paths, globs and brace patterns, in the order given (each glob sorted), deduplicated."""
-    from braceexpand import braceexpand  # a webdataset dependency
-
-    out: dict[Path, None] = {}
-    for spec in specs:
-        for pattern in braceexpand(os.path.expanduser(spec)):
-            if any(c in pattern for c in "*?["):
-                matches = sorted(glob.glob(pattern, recursive=True))
-                if not matches:
-                    raise IngestError(
-                        f"shard pattern {pattern} matches no files; pass --shards with existing .tar files or globs"
-                    )
-            elif not Path(pattern).is_file():
-                raise IngestError(f"shard {pattern} does not exist; pass --shards with existing .tar files or globs")
-            else:
-                matches = [pattern]
-            out.update((Path(m).resolve(), None) for m in matches if Path(m).is_file())
-    return list(out)
-
-
 def check_sources(sources: Sources) -> None:
-    """Raise IngestError for a source path that does not exist (before any work)."""
+    """Raise IngestError for a source path that does not exist or is not what it should be (before any work)."""
     for kind in KINDS:
         root = getattr(sources, kind.folder)
         if root is not None and not root.is_dir():
@@ -190,8 +210,8 @@ def check_sources(sources: Sources) -> None:
                 f"pass --{kind.folder} DIR pointing at root/<class>/*.{kind.exts[0]}"
             )
         table = getattr(sources, kind.table)
-        if table is not None and not table.is_file():
-            what = "does not exist" if not table.exists() else "is not a file"
+        if table is not None and not table.is_file():  # stat: a FIFO or device named as a table is never opened
+            what = "does not exist" if not table.exists() else "is not a regular file"
             raise IngestError(f"{kind.table} table {table} {what}; pass --{kind.table} FILE (.csv or .parquet)")
     expand_shards(sources.shards)
 
@@ -200,22 +220,35 @@ def _option(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def read_table(path: Path, kind: Kind, cfg: IngestConfig) -> list[dict]:
-    """A caption/transcript table's rows; IngestError for an unsupported format or missing columns."""
-    path_col, text_col = getattr(cfg, kind.path_col), getattr(cfg, kind.text_col)
+def _arrow_table(path: Path, what: str, as_text: tuple[str, ...], bad_rows: list[str] | None) -> pa.Table:
+    """A CSV or Parquet table (CSV: `as_text` columns read as strings; malformed rows into `bad_rows`, or all string
+    columns and malformed rows skipped when it is None); IngestError for an unreadable or unsupported file."""
     suffix = path.suffix.lower()
+
+    def bad_row(row) -> str:
+        if bad_rows is not None:
+            bad_rows.append(f"expected {row.expected_columns} columns, got {row.actual_columns}: {row.text[:80]!r}")
+        return "skip"
+
     try:
         if suffix == ".csv":
-            as_text = {c: pa.string() for c in (path_col, text_col, cfg.label_col, "split")}
-            table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(column_types=as_text))
-        elif suffix in (".parquet", ".pq"):
-            table = pq.read_table(path)
-        else:
-            fmt = suffix or "(none)"
-            raise IngestError(f"{kind.table} table {path} has unsupported format {fmt!r}; use a .csv or .parquet file")
+            convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in as_text})
+            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(invalid_row_handler=bad_row),
+                                  convert_options=convert)
+        if suffix in (".parquet", ".pq"):
+            return pq.read_table(path)
     except (pa.ArrowException, OSError) as err:
-        msg = f"cannot read {kind.table} table {path}: {one_line(err)}; check that it is a valid {suffix[1:]} file"
+        msg = f"cannot read {what} table {path}: {one_line(err)}; check that it is a valid {suffix[1:]} file"
         raise IngestError(msg) from None
+    fmt = suffix or "(none)"
+    raise IngestError(f"{what} table {path} has unsupported format {fmt!r}; use a .csv or .parquet file")
+
+
+def read_table(path: Path, kind: Kind, cfg: IngestConfig, bad_rows: list[str] | None = None) -> list[dict]:
+    """A caption/transcript table's rows; IngestError for an unsupported format or missing columns. Malformed CSV
+    rows (a wrong number of fields) are left out and described in `bad_rows`."""
+    path_col, text_col = getattr(cfg, kind.path_col), getattr(cfg, kind.text_col)
+    table = _arrow_table(path, kind.table, (path_col, text_col, cfg.label_col, "split"), bad_rows)
     missing = [(c, f) for c, f in ((path_col, kind.path_col), (text_col, kind.text_col)) if c not in table.column_names]
     if missing:
         names = " and ".join(f"{c!r}" for c, _ in missing)
@@ -227,52 +260,91 @@ def read_table(path: Path, kind: Kind, cfg: IngestConfig) -> list[dict]:
     return table.to_pylist()
 
 
+def _table_files(table: Path, roots: tuple[Path, ...]) -> Iterator[tuple[str, Path]]:
+    """(cell, resolved path) of every string cell of a table that names a regular file inside the roots: the files
+    a table may point at, whichever column names them. Stats only; an unreadable table yields nothing."""
+    if not table.is_file():  # stat: a FIFO or device named as a table is never opened
+        return
+    try:
+        t = _arrow_table(table, "cache-key", (), None)
+    except IngestError:
+        return
+    cells: set[str] = set()
+    for col in t.columns:
+        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+            cells.update(v for v in col.unique().to_pylist() if v and len(v) < 4096 and "\n" not in v)
+    for cell in sorted(cells):
+        p = Path(os.path.expanduser(cell.strip()))
+        file = p if p.is_absolute() else table.parent / p
+        try:
+            if is_url(cell) or not stat.S_ISREG(os.stat(file).st_mode):
+                continue
+        except (OSError, ValueError):
+            continue
+        if inside(real := Path(os.path.realpath(file)), roots):
+            yield cell, real
+
+
+def _row_file(value: str, table_dir: Path, roots: tuple[Path, ...], where: str) -> Path:
+    """The checked, resolved file a table cell names, else Refused (URLs, and see inputs.check_file)."""
+    if is_url(value):
+        raise Refused(f"URL in a table: {where} names {value}; URLs are read only as --shards given on the command "
+                      "line or in the config, never from a table")
+    p = Path(os.path.expanduser(value))
+    file = p if p.is_absolute() else table_dir / p
+    return check_file(file, roots, f"{where} points at {file}")
+
+
 def _plan_table(
-    kind: Kind, table_path: Path, cfg: IngestConfig, quarantine: list
+    kind: Kind, table_path: Path, cfg: IngestConfig, roots: tuple[Path, ...], ledger: Ledger
 ) -> dict[Path, tuple[int, dict]]:
     """Resolved file path -> (row number, row) of every usable row; bad and repeated rows are quarantined."""
     path_col, text_col = getattr(cfg, kind.path_col), getattr(cfg, kind.text_col)
-    table_dir = table_path.parent
+    noun, bad_rows = kind.table.rstrip("s"), []
     rows: dict[Path, tuple[int, dict]] = {}
-    for n, row in enumerate(read_table(table_path, kind, cfg), start=1):
-        source, noun = f"{table_path}#row{n}", kind.table.rstrip("s")
+    for n, row in enumerate(read_table(table_path, kind, cfg, bad_rows), start=1):
+        source = f"{table_path}#row{n}"
         value = text_cell(row.get(path_col))
         if value is None:
-            reason = f"empty path: {noun} row {n} has no {path_col!r} value"
-            quarantine.append(quarantine_entry(source, kind.modality, reason))
+            ledger.refuse(source, kind.modality, f"empty path: {noun} row {n} has no {path_col!r} value")
             continue
-        p = Path(os.path.expanduser(value.strip()))
-        file = (p if p.is_absolute() else table_dir / p).resolve()
-        if not file.is_file():
-            quarantine.append(quarantine_entry(source, kind.modality, f"missing file: {noun} row {n} points at {file}"))
+        try:
+            file = _row_file(value.strip(), table_path.parent, roots, f"{noun} row {n}")
+        except Refused as why:
+            ledger.refuse(source, kind.modality, str(why))
             continue
         if file in rows:
             first = rows[file][0]
             reason = f"duplicate of an earlier row: {noun} row {first} names the same file {file}; keep one per file"
-            quarantine.append(quarantine_entry(source, kind.modality, reason))
+            ledger.refuse(source, kind.modality, reason)
             continue
         split, err = parse_split(row.get("split"), f"{noun} row {n}")
         if err:
-            quarantine.append(quarantine_entry(source, kind.modality, err))
+            ledger.refuse(source, kind.modality, err)
             continue
         extra = {k: jsonable(v) for k, v in row.items() if k not in (path_col, text_col, cfg.label_col, "split")}
         text, label = text_cell(row.get(text_col)), text_cell(row.get(cfg.label_col))
+        if text is None:
+            ledger.skipped[f"empty {noun} (the file lands without one)"] += 1
         rows[file] = (n, dict(text=text, label=label, split=split, meta=extra))
+    for i, bad in enumerate(bad_rows, start=1):
+        ledger.refuse(f"{table_path}#malformed{i}", kind.modality, f"malformed {noun} row: {bad}")
     return rows
 
 
-def plan_kind(kind: Kind, sources: Sources, cfg: IngestConfig, quarantine: list) -> Iterator[Job]:
+def plan_kind(kind: Kind, sources: Sources, cfg: IngestConfig, ledger: Ledger) -> Iterator[Job]:
     """Folder items (joined with their table rows), then the rows whose file is not in the folder."""
     root, table = getattr(sources, kind.folder), getattr(sources, kind.table)
     root = Path(os.path.abspath(root)) if root is not None else None
-    rows = _plan_table(kind, table, cfg, quarantine) if table is not None else {}
+    roots = sources.roots()
+    rows = _plan_table(kind, table, cfg, roots, ledger) if table is not None else {}
     if root is not None:
-        for f in folder_files(root, kind.exts):
+        for f, real in scan_folder(root, kind.exts, roots, ledger, kind.modality):
             rel = f.relative_to(root)
             label = rel.parts[0] if len(rel.parts) > 1 else None
             key = make_key(kind.modality, f"{kind.folder}:{rel.as_posix()}")
-            job = Job(key, kind.modality, str(f), path=f, label=label)
-            if (hit := rows.pop(f.resolve(), None)) is not None:
+            job = Job(key, kind.modality, str(f), path=real, label=label)
+            if (hit := rows.pop(real, None)) is not None:
                 joined = hit[1]
                 job.text, job.split, job.meta = joined["text"], joined["split"], joined["meta"]
                 job.label = joined["label"] or label  # an explicit label column wins over the folder name
@@ -288,36 +360,25 @@ def plan_kind(kind: Kind, sources: Sources, cfg: IngestConfig, quarantine: list)
 
 
 def digest_sources(sources: Sources, cfg: IngestConfig) -> str:
-    """Content digest of everything ingest would read, for cache keys: (relative name, content sha256) of every
-    folder file, each table and each file its rows point at, and each shard. Independent of where the data lives
-    and of mtimes, so clones and moved copies agree. Raises IngestError like `ingest` for bad sources."""
+    """Digest of everything ingest would read, naming its output folder: (key, content sha256, label, text, split,
+    meta) of every folder and table item, each table's content, every refusal, and each shard's stamp (path, size,
+    mtime). Independent of where folders and tables live and of their mtimes, so clones and moved copies agree.
+    Reads only what ingest would read. Raises IngestError like `ingest` for bad sources."""
     check_sources(sources)
-    h = hashlib.sha256()
-    memo: dict[Path, str] = {}
-
-    def add(tag: str, name: str, path: Path | None) -> None:
-        if path is None:
-            sha = "missing"
-        else:
-            if path not in memo:
-                memo[path] = file_sha256(path)
-            sha = memo[path]
-        h.update(f"{tag}\0{name}\0{sha}\n".encode())
-
+    h, ledger = hashlib.sha256(), Ledger()
     for kind in KINDS:
-        root, table = getattr(sources, kind.folder), getattr(sources, kind.table)
-        if root is not None:
-            for f in folder_files(root, kind.exts):
-                add(kind.folder, f.relative_to(root).as_posix(), f.resolve())
+        table = getattr(sources, kind.table)
         if table is not None:
-            add(kind.table, table.name, table.resolve())
-            path_col = getattr(cfg, kind.path_col)
-            for row in read_table(table, kind, cfg):
-                value = text_cell(row.get(path_col))
-                if value is not None:
-                    p = Path(os.path.expanduser(value.strip()))
-                    file = (p if p.is_absolute() else table.parent / p).resolve()
-                    add(f"{kind.table}-file", value, file if file.is_file() else None)
-    for shard in expand_shards(sources.shards):
-        add("shards", f"{shard.parent.name}/{shard.name}", shard)
+            h.update(f"{kind.table}\0{table.name}\0{sha256_regular(table)}\n".encode())
+        for job in plan_kind(kind, sources, cfg, ledger):
+            try:
+                sha = sha256_regular(job.path)
+            except (Refused, OSError) as err:
+                sha = f"unreadable:{one_line(err)}"
+            fields = (job.key, sha, job.label, job.text, job.split, json.dumps(job.meta, sort_keys=True, default=str))
+            h.update(json.dumps(fields).encode() + b"\n")
+    h.update(json.dumps(sorted((e["source"], e["reason"]) for e in ledger.quarantine)).encode())
+    h.update(json.dumps(sorted(ledger.skipped.items())).encode())
+    for loc, why in expand_shards(sources.shards):
+        h.update(f"shard\0{why or shard_stamp(loc)}\n".encode())
     return h.hexdigest()

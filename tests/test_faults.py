@@ -1,0 +1,548 @@
+"""Faults, on purpose: SIGKILL, a tracking server that goes away, a Prefect server that restarts.
+
+Every test says which guarantee it checks (README, "What happens when things go wrong"):
+- a killed command leaves no process behind (its temporary Prefect server and loader workers end with it), the next
+  start ends its RUNNING runs KILLED, and the resumed training moves under the new parent run;
+- MLflow down for longer than the client's own retries never stops a training: it finishes and every metric arrives;
+- a Prefect server restart while a training holds the GPU slot does not leak the slot: the next training runs, and
+  while it waits it says what it waits for.
+
+Servers run on 127.0.0.1 from this venv, each in a session of its own, and a fixture stops everything a test started,
+also when it fails (the two tests with a server of their own are marked `servers`). The points where a process is
+killed are drawn from TESSERA_FAULT_SEED (default 15; the seed is in every failure message). The file takes about two
+and a half minutes on a busy 2-core machine, the SIGKILL test one of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from flows import deploy as deploy_lib
+from tasks.infra import procs, tracking
+from tests.helpers import TINY_TRAIN, make_prep
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: tessera, prefect, mlflow
+SEED = int(os.environ.get("TESSERA_FAULT_SEED", "15"))
+STARTUP_S = 120
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+@dataclass
+class Proc:
+    popen: subprocess.Popen
+    log: Path
+
+    def tail(self, n: int = 4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+@pytest.fixture
+def spawn(tmp_path):
+    """spawn(cmd, env, name) starts a process in a session of its own, output to tmp/name.log; every process and
+    descendant it started is stopped after the test, whatever happens."""
+    started: list[Proc] = []
+
+    def start(cmd: list[str], env: dict, name: str, cwd: Path = ROOT) -> Proc:
+        log = tmp_path / f"{name}.log"
+        with log.open("ab") as out:
+            popen = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        started.append(proc := Proc(popen, log))
+        return proc
+
+    yield start
+    for proc in started:
+        _stop(proc)
+
+
+def _stop(proc: Proc) -> None:
+    """SIGTERM to the process's group and its descendants, SIGKILL to what is left after 10 s."""
+    pids = [proc.popen.pid, *procs.descendants(proc.popen.pid)]
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            for kill in (os.killpg, os.kill):
+                try:
+                    kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+        try:
+            proc.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            continue
+        if not _alive(pids):
+            return
+
+
+def _alive(pids: list[int]) -> list[int]:
+    """The pids of `pids` that still run (a zombie has exited)."""
+    out = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            out.append(pid)
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "?"
+
+
+def _wait_for(cond, what: str, proc: Proc | None = None, timeout: float = STARTUP_S, every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while not (value := cond()):
+        if proc is not None and proc.popen.poll() is not None:
+            pytest.fail(f"waiting for {what}: {proc.popen.args[:4]} exited with {proc.popen.returncode} "
+                        f"(seed {SEED}):\n{proc.tail()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: not within {timeout:.0f} s (seed {SEED})" + (f"\n{proc.tail()}" if proc else ""))
+        time.sleep(every)
+    return value
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _base_env(tmp: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PREFECT_HOME=str(tmp / "prefect-home"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120", PYTHONPATH=str(ROOT),
+               MLFLOW_TRACKING_URI=f"sqlite:///{tmp}/mlflow.db")
+    return env
+
+
+def _kill_and_check_nothing_is_left(proc: Proc, what: str) -> list[str]:
+    """SIGKILL `proc` alone (not its group): every process it had started must end by itself. Returns the command
+    lines of those processes."""
+    kids = procs.descendants(proc.popen.pid)
+    lines = [_cmdline(pid) for pid in kids]
+    proc.popen.send_signal(signal.SIGKILL)
+    proc.popen.wait(timeout=30)
+    deadline = time.monotonic() + 30 + procs.GRACE_S
+    while _alive(kids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = {pid: _cmdline(pid) for pid in _alive(kids)}
+    assert not left, f"SIGKILL {what} (seed {SEED}) left processes without a parent: {left}"
+    return lines
+
+
+def _runs(c: MlflowClient, experiment: str):
+    exp = c.get_experiment_by_name(experiment)
+    return [] if exp is None else c.search_runs([exp.experiment_id], max_results=1000)
+
+
+# ---------------------------------------------------------------------------------------------------- owners
+def test_an_owner_is_alive_exactly_while_its_process_runs():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tag = procs.owner(child.pid)
+        assert procs.alive(tag) is True and procs.alive(procs.owner()) is True
+    finally:
+        child.kill()
+        child.wait()
+    assert procs.alive(tag) is False
+    host, boot, pid, start = tag.split("/")
+    assert procs.alive(f"{host}/{boot}/{os.getpid()}/{int(start) + 1}") is False  # the pid, reused by another process
+    assert procs.alive(f"another-host/{boot}/{os.getpid()}/1") is None  # cannot be told from here
+    assert procs.alive("not an owner") is None
+
+
+def _dead_owner() -> str:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    tag = procs.owner(child.pid)
+    child.kill()
+    child.wait()
+    return tag
+
+
+def test_a_start_ends_the_runs_of_dead_owners_and_a_resumed_run_moves_under_its_new_parent(tmp_path):
+    c = tracking.client()
+    exp = tracking.experiment_id(c, "owners")
+    dead = _dead_owner()
+    living = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        old_parent = c.create_run(exp, run_name="pipeline-killed", tags={tracking.OWNER_TAG: dead}).info.run_id
+        train = c.create_run(exp, run_name="train-vit", tags={tracking.OWNER_TAG: dead,
+                                                              tracking.PARENT_TAG: old_parent}).info.run_id
+        busy = c.create_run(exp, run_name="elsewhere", tags={tracking.OWNER_TAG: procs.owner(living.pid)}).info.run_id
+        remote = c.create_run(exp, run_name="remote", tags={tracking.OWNER_TAG: "gpu-node-7/abc/12/34"}).info.run_id
+        with tracking.start_run("owners", "pipeline-new") as parent:
+            status = {r: c.get_run(r).info.status for r in (old_parent, train, busy, remote)}
+            assert status == {old_parent: "KILLED", train: "KILLED", busy: "RUNNING", remote: "RUNNING"}
+            assert "its owner was gone" in c.get_run(train).data.tags["tessera.closed_by"]
+            with tracking.start_run("owners", "train-vit", parent.run_id, run_id=train) as resumed:
+                run = c.get_run(resumed.run_id)
+                assert run.info.status == "RUNNING" and run.data.tags[tracking.PARENT_TAG] == parent.run_id
+                assert run.data.tags[tracking.OWNER_TAG] == procs.owner()
+        assert c.get_run(train).info.status == "FINISHED" and c.get_run(parent.run_id).info.status == "FINISHED"
+    finally:
+        living.kill()
+        living.wait()
+
+
+def test_interrupts_and_signals_end_runs_killed_errors_failed(tmp_path):
+    from prefect.exceptions import TerminationSignal
+
+    assert tracking.end_status(None) == "FINISHED" and tracking.end_status(ValueError()) == "FAILED"
+    for exc in (KeyboardInterrupt(), SystemExit(1), TerminationSignal(signal.SIGTERM), tracking.Interrupted()):
+        assert tracking.end_status(exc) == "KILLED", exc
+    # SIGHUP (a closed terminal) ends a run KILLED instead of leaving it RUNNING
+    code = ("import sys, time\nfrom tasks.infra import tracking\nwith tracking.start_run('hup', 'r') as run:\n"
+            "    print(run.run_id, flush=True)\n    time.sleep(60)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        run_id = child.stdout.readline().strip()
+        child.send_signal(signal.SIGHUP)
+        assert child.wait(timeout=60) != 0
+    finally:
+        child.kill()
+    assert tracking.client().get_run(run_id).info.status == "KILLED"
+
+
+def test_a_new_sqlite_store_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """MLflow builds its tables in place over seconds; a process killed meanwhile left a store no start could open."""
+    import mlflow.store.db.utils as db_utils
+
+    db = tmp_path / "store" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    real = db_utils._initialize_tables
+
+    def dies_half_way(engine):
+        real.__globals__["InitialBase"].metadata.create_all(engine)  # the first tables, then the process "dies"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(db_utils, "_initialize_tables", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        tracking.client()
+    assert not db.exists()
+    monkeypatch.setattr(db_utils, "_initialize_tables", real)
+    c = tracking.client()
+    assert db.exists() and c.get_experiment_by_name("Default") is not None
+    assert [p.name for p in db.parent.iterdir()] == ["mlflow.db"]
+
+
+def test_the_pipeline_says_what_a_training_waits_for():
+    import inspect
+
+    from flows.pipeline import pipeline
+
+    assert "train_slot_watch(runtime.flow_run.id)" in inspect.getsource(pipeline.fn)
+
+
+# ---------------------------------------------------------------------------------------------------- metric buffer
+class FlakyClient:
+    """An MlflowClient whose log_batch fails like a server that is down, while `down` is set."""
+
+    def __init__(self, real: MlflowClient):
+        self.real, self.down, self.calls = real, False, 0
+
+    def log_batch(self, *args, **kwargs):
+        self.calls += 1
+        if self.down:
+            raise tracking.mlflow.exceptions.MlflowException("API request failed: Max retries exceeded")
+        return self.real.log_batch(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_metrics_are_kept_while_mlflow_is_away_spooled_at_a_checkpoint_and_sent_once(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tracking, "RETRY_MAX_S", 0.2)
+    real = tracking.client()
+    run_id = real.create_run(tracking.experiment_id(real, "buffer")).info.run_id
+    flaky = FlakyClient(real)
+    buf = tracking.MetricBuffer(flaky, run_id, spool=tmp_path / tracking.SPOOL)
+    for step in (1, 2):
+        buf.add({"train/loss": 1.0 / step, "train/lr": 0.1}, step)
+    assert buf.flush() is True  # a checkpoint: everything stored before it
+    flaky.down = True
+    for step in (3, 4, 5):
+        buf.add({"train/loss": 1.0 / step, "train/lr": 0.1}, step)
+        buf.flush(wait=False)  # never raises, never waits
+    t0 = time.monotonic()
+    assert buf.flush() is False and time.monotonic() - t0 < 5  # a checkpoint while away: spooled, not waited for
+    spooled = [json.loads(line) for line in (tmp_path / tracking.SPOOL).read_text().splitlines()]
+    assert sorted({r["step"] for r in spooled}) == [3, 4, 5]
+    err = capsys.readouterr().err
+    assert err.count("does not answer") == 1 and "training goes on" in err
+    # the process dies here; a resumed attempt sends the spool first and counts it as logged
+    resumed = tracking.Run(run_id, real, resumed=True, spool=tmp_path / tracking.SPOOL)
+    assert resumed.last_step("train/loss") == 5
+    resumed.catch_up(timeout=30)
+    assert not (tmp_path / tracking.SPOOL).exists()
+    history = real.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5]  # each once: MLflow keeps one of identical metrics
+    # the first buffer's sender, still retrying, sends the same metrics again when MLflow is back: stored once
+    flaky.down = False
+    assert buf.close(timeout=30) is True
+    assert sorted(m.step for m in real.get_metric_history(run_id, "train/loss")) == [1, 2, 3, 4, 5]
+    assert "answers again" in capsys.readouterr().err
+
+
+def test_a_run_end_waits_for_mlflow_then_says_where_the_metrics_are(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(tracking, "RETRY_MAX_S", 0.2)
+    real = tracking.client()
+    run_id = real.create_run(tracking.experiment_id(real, "catchup")).info.run_id
+    flaky = FlakyClient(real)
+    flaky.down = True
+    run = tracking.Run(run_id, flaky, resumed=False, spool=tmp_path / tracking.SPOOL)
+    run.metrics.add({"train/loss": 1.0}, 1)
+    with pytest.raises(tracking.TrackingUnavailable, match="kept in .*mlflow-unsent.jsonl"):
+        run.catch_up(timeout=3)
+    assert "waiting up to 3 s for MLflow" in capsys.readouterr().err
+    assert (tmp_path / tracking.SPOOL).is_file()
+
+
+# ---------------------------------------------------------------------------------------------------- SIGKILL
+KILL_STEPS, KILL_CKPT = 800, 100
+SERVER = "prefect.server.api.server:create_app"  # on the command line of Prefect's temporary server
+
+
+def _fault_config(tmp: Path) -> Path:
+    cfg = {"data": {"root": str(tmp / "out"), "size": 16, "n_mels": 32, "n_frames": 64, "shard_maxcount": 32},
+           "codebooks": {"pixels_k": 16, "image_k": 32, "mel_k": 32},
+           "train": {"preset": "tiny", "steps": KILL_STEPS, "batch_size": 8, "device": "cpu",
+                     "train_overrides": {"vit": {"ckpt_every": KILL_CKPT, "eval_every": KILL_CKPT, "log_every": 10}}},
+           "eval": {"max_samples": 16, "roundtrips": False},
+           "experiment": "faults"}
+    path = tmp / "faults.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _train_state(out: Path) -> dict:
+    states = list((out / "train").glob("*/*/train.json"))
+    return json.loads(states[0].read_text()) if states else {}
+
+
+def test_sigkill_at_random_points_of_data_and_training_leaves_nothing_running(tmp_path, spawn):
+    """`tessera train vit` (on a temporary Prefect server) is SIGKILLed at a seeded random point of its
+    data stages, then at one of its training: no process outlives it; the third start ends the dead runs KILLED,
+    resumes the training's own run under its new parent, and finishes with every step logged once."""
+    rng = random.Random(SEED)
+    env, cmd = _base_env(tmp_path), [str(BIN / "tessera"), "train", "vit", "--config", str(_fault_config(tmp_path))]
+    out = tmp_path / "out"
+
+    first = spawn(cmd, env, "run-1")
+    _wait_for(lambda: (out / "builtin").exists(), "the data stages to start", first)
+    time.sleep(rng.uniform(0.0, 2.0))
+    started = _kill_and_check_nothing_is_left(first, "in the data stages")
+    assert any(SERVER in line for line in started), started  # the temporary server was among them, and ended
+
+    second = spawn(cmd, env, "run-2")
+    target = rng.randint(1, KILL_STEPS // KILL_CKPT - 2) * KILL_CKPT
+    _wait_for(lambda: _train_state(out).get("checkpoint_step", 0) >= target, f"the step-{target} checkpoint",
+              second, timeout=240)
+    time.sleep(rng.uniform(0.0, 0.3))
+    killed_run = _train_state(out)["run_id"]
+    started = _kill_and_check_nothing_is_left(second, f"after the step-{target} checkpoint")
+    assert not list((out / "train").glob("*/*/_SUCCESS")), "the training ended before the kill; raise KILL_STEPS"
+    assert any(SERVER in line for line in started), started
+
+    third = spawn(cmd, env, "run-3")
+    assert third.popen.wait(timeout=300) == 0, third.tail()
+    c = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = _runs(c, "faults")
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    parents = sorted((r for r in runs if r.info.run_name.startswith("pipeline-")), key=lambda r: r.info.start_time)
+    assert [r.info.status for r in parents] == ["KILLED"] * (len(parents) - 1) + ["FINISHED"], seed_note(parents)
+    (train,) = [r for r in runs if r.info.run_name == "train-vit"]
+    assert train.info.run_id == killed_run and train.info.status == "FINISHED"  # the same run, continued
+    assert train.data.tags[tracking.PARENT_TAG] == parents[-1].info.run_id  # under the parent that finished it
+    assert "its owner was gone" in train.data.tags["tessera.closed_by"]
+    steps = [m.step for m in c.get_metric_history(train.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(1, KILL_STEPS + 1))
+
+
+LOADER_CHILD = """
+import sys, time
+from tasks.data import loader, shards
+batches = loader.batches(shards.shard_urls(sys.argv[1], "image", "train"), 4, num_workers=1)
+next(batches)
+print("READY", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_killed_training_process_takes_its_loader_worker_with_it(tmp_path, spawn):
+    child = spawn([sys.executable, "-c", LOADER_CHILD, str(make_prep(tmp_path / "prep"))], _base_env(tmp_path),
+                  "loader")
+    _wait_for(lambda: "READY" in child.tail(), "the first batch", child, every=0.2)
+    started = _kill_and_check_nothing_is_left(child, "with a DataLoader worker")
+    assert len(started) == 1, started  # the worker, ended by torch's own watchdog
+
+
+def test_the_temporary_server_is_guarded_when_prefect_imports_it_not_before():
+    code = ("import sys\nimport tasks.infra.tracking\nassert 'prefect.server.api.server' not in sys.modules\n"
+            "from prefect.server.api import server\nprint(type(server.subprocess).__name__)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.stdout.strip() == "_GuardedSubprocess", done.stdout + done.stderr[-2000:]
+    assert procs.guarded_argv(["python", "-m", "uvicorn", "x"])[1:2] == ["-c"]
+    assert procs.guarded_argv(["prefect", "deploy"]) == ["prefect", "deploy"]  # not `python -m`: as it is
+
+
+def seed_note(runs) -> str:
+    return f"seed {SEED}: " + ", ".join(f"{r.info.run_name} {r.info.status}" for r in runs)
+
+
+# ---------------------------------------------------------------------------------------------------- MLflow outage
+OUTAGE_CHILD = """
+import json, sys, time
+import tasks.train.trainer as T
+args = json.loads(sys.argv[1])
+get_lr = T.get_lr
+def slow_get_lr(step, cfg):  # once per step: a run long enough for an outage in its middle
+    time.sleep(args["sleep"])
+    return get_lr(step, cfg)
+T.get_lr = slow_get_lr
+record = T.train("ast", args["prep"], args["out"], T.TrainConfig(**args["cfg"]), preset="tiny", experiment="outage")
+print("RECORD", json.dumps(record), flush=True)
+"""
+
+
+def _mlflow_server(spawn, tmp: Path, port: int, name: str) -> Proc:
+    env = {**_base_env(tmp), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = spawn([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                  "--backend-store-uri", f"sqlite:///{tmp}/mlflow-server.db", "--artifacts-destination",
+                  str(tmp / "mlartifacts")], env, name, cwd=tmp)
+    _wait_for(lambda: _http_ok(f"http://127.0.0.1:{port}/health"), "the MLflow server", proc, every=0.3)
+    return proc
+
+
+@pytest.mark.servers
+def test_mlflow_down_past_the_client_retries_training_finishes_and_every_metric_arrives(tmp_path, spawn):
+    port = _free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server = _mlflow_server(spawn, tmp_path, port, "mlflow-1")
+    cfg = replace(TINY_TRAIN, max_steps=60, ckpt_every=5, eval_every=5, log_every=2)
+    out = tmp_path / "run"
+    args = {"prep": str(make_prep(tmp_path / "prep")), "out": str(out), "sleep": 0.25, "cfg": asdict(cfg)}
+    env = {**_base_env(tmp_path), "MLFLOW_TRACKING_URI": uri, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+           "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+    child = spawn([sys.executable, "-c", OUTAGE_CHILD, json.dumps(args)], env, "train")
+    c = MlflowClient(uri)
+    _wait_for(lambda: (out / "train.json").exists() and json.loads((out / "train.json").read_text())
+              .get("checkpoint_step", 0) >= 5, "the first checkpoint", child, timeout=180)
+    run_id = json.loads((out / "train.json").read_text())["run_id"]
+    _stop(server)  # down: every request fails after one retry
+    down_at = json.loads((out / "train.json").read_text())["checkpoint_step"]
+    _wait_for(lambda: "does not answer" in child.tail(20000), "the warning", child, timeout=60)
+    # the training goes on through checkpoints while MLflow is away
+    _wait_for(lambda: json.loads((out / "train.json").read_text())["checkpoint_step"] >= down_at + 10,
+              "two checkpoints during the outage", child, timeout=120)
+    assert (out / tracking.SPOOL).is_file()
+    _mlflow_server(spawn, tmp_path, port, "mlflow-2")
+    assert child.popen.wait(timeout=240) == 0, child.tail()
+    log = child.tail(50000)
+    assert log.count("does not answer") == 1 and "answers again" in log, log[-3000:]
+    assert not (out / tracking.SPOOL).exists()
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    n = cfg.max_steps
+    expected = {"train/loss": range(1, n + 1), "val/loss": range(5, n + 1, 5), "perf/mfu": range(2, n + 1, 2)}
+    for key, steps in expected.items():
+        got = [m.step for m in c.get_metric_history(run_id, key)]
+        assert sorted(got) == list(steps), (key, sorted(got))
+
+
+# ---------------------------------------------------------------------------------------------------- GPU slot
+SLOT_FLOW = """
+import pathlib, sys, time
+from prefect import flow, runtime, task
+from flows.deploy import TRAIN_TAG, train_slot_watch
+name, go = sys.argv[1], pathlib.Path(sys.argv[2])
+
+@task(tags=[TRAIN_TAG], task_run_name="train-{who}")
+def train(who):
+    print(f"{who} holds the slot", flush=True)
+    while not go.exists():
+        time.sleep(0.2)
+
+@flow(name="slot-" + name)
+def pipeline():
+    with train_slot_watch(runtime.flow_run.id, every_s=1.0):
+        train(name)
+
+pipeline()
+print(name, "done", flush=True)
+"""
+
+
+def _prefect_server(spawn, tmp: Path, port: int, name: str) -> Proc:
+    env = {**_base_env(tmp), "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}/prefect.db",
+           "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}  # a freed slot is found sooner
+    proc = spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
+                 env, name)
+    _wait_for(lambda: _http_ok(f"http://127.0.0.1:{port}/api/health"), "the Prefect server", proc, every=0.3)
+    return proc
+
+
+@pytest.mark.servers
+def test_a_prefect_restart_while_a_training_holds_the_slot_does_not_leak_it(tmp_path, spawn):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    server = _prefect_server(spawn, tmp_path, port, "prefect-1")
+    env = {**_base_env(tmp_path), "PREFECT_API_URL": url, "PREFECT_LOGGING_LEVEL": "INFO"}
+    with temporary_settings({PREFECT_API_URL: url}):
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            assert deploy_lib.ensure_gpu_limit(client, 1) == 1
+
+            def slots():
+                return deploy_lib.train_slots(client)
+
+            a = spawn([sys.executable, "-c", SLOT_FLOW, "A", str(tmp_path / "go-A")], env, "flow-A")
+            _wait_for(lambda: "A holds the slot" in a.tail(), "A to take the slot", a, every=0.3)
+            _wait_for(lambda: (s := slots()) and s.active == 1 and s.holders, "A on record as the holder", a,
+                      every=0.5)
+            _stop(server)
+            server = _prefect_server(spawn, tmp_path, port, "prefect-2")
+            leased = client.read_concurrency_limit_by_tag(deploy_lib.TRAIN_TAG).active_slots
+            assert slots().active == 1 and leased == []  # the restart forgot A's lease but kept the count
+
+            (tmp_path / "go-B").touch()  # B, once it has the slot, finishes at once
+            b = spawn([sys.executable, "-c", SLOT_FLOW, "B", str(tmp_path / "go-B")], env, "flow-B")
+            _wait_for(lambda: "waits for a GPU slot" in b.tail(), "B to say what it waits for", b, timeout=90,
+                      every=0.3)
+            assert "task run 'train-A'" in b.tail() and "B holds the slot" not in b.tail()  # A still runs: B waits
+
+            (tmp_path / "go-A").touch()  # A ends; its release finds no lease, so the slot would stay taken
+            assert a.popen.wait(timeout=90) == 0, a.tail()
+            assert b.popen.wait(timeout=90) == 0, b.tail()
+            assert "gave back 1 slot(s)" in b.tail() and "B holds the slot" in b.tail(), b.tail()
+            _wait_for(lambda: slots().active == 0, "the slot to be free after B", timeout=30, every=0.5)
