@@ -43,9 +43,13 @@ def _summary(ingested: dict, sharded: dict, prepared: dict) -> str:
     lines = ["| modality | train | val | test |", "|---|---|---|---|"]
     for modality, counts in sorted(sharded["counts"].items()):
         lines.append(f"| {modality} | {counts.get('train', 0)} | {counts.get('val', 0)} | {counts.get('test', 0)} |")
+    reasons = ", ".join(f"{k} {n}" for k, n in sorted(ingested.get("reasons", {}).items()))
+    skipped = ", ".join(f"{k} {n}" for k, n in sorted(ingested.get("skipped", {}).items()))
     lines += [
         "",
-        f"quarantined: **{ingested['n_quarantined']}** (see `{ingested['quarantine']}`)",
+        f"quarantined: **{ingested['n_quarantined']}**{f' ({reasons})' if reasons else ''} (see "
+        f"`{ingested['quarantine']}`)",
+        f"skipped on purpose: {skipped or 'nothing'}",
         f"shards: `{sharded['path']}` (manifest digest `{sharded['digest']}`)",
         f"model-ready: `{prepared['path']}`",
     ]

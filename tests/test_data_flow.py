@@ -61,3 +61,13 @@ def test_same_seed_same_manifest_digest(tmp_path):
         ingested = stages.ingest.fn(stages.builtin_sources(ds["path"]), IngestConfig(), root)
         digests.append(stages.shard.fn(Path(ingested["items"]), ShardConfig(), root)["digest"])
     assert digests[0] == digests[1] != digests[2]
+
+
+def test_the_data_summary_counts_every_quarantine_and_skip_by_reason():
+    from flows.data import _summary
+
+    ingested = {"n_quarantined": 3, "quarantine": "q.parquet", "reasons": {"not a regular file": 1, "hidden file": 2},
+                "skipped": {"hidden folder (not searched)": 1}}
+    text = _summary(ingested, {"counts": {"image": {"train": 5}}, "path": "s", "digest": "d"}, {"path": "p"})
+    assert "quarantined: **3** (hidden file 2, not a regular file 1)" in text
+    assert "skipped on purpose: hidden folder (not searched) 1" in text
