@@ -92,22 +92,31 @@ def pipeline_params(args: argparse.Namespace, models: list[str] | None = None) -
 
 
 def _one_line(err: ValidationError) -> str:
+    """The first error as `--flag=value: what is wrong`: flags are flat (`--steps`, not `--train.steps`), and a
+    field that has no flag is named as its config key (`train.train_overrides`)."""
     e = err.errors()[0]
-    loc = ".".join(str(x) for x in e["loc"]) or "value"
-    return f"--{loc.replace('_', '-')}={e.get('input')!r}: {e['msg']}"
+    loc = [str(x) for x in e["loc"]]
+    field = loc[-1] if loc else "value"
+    name = f"--{field.replace('_', '-')}" if field in _FLAGS else ".".join(loc) or "value"
+    msg = e["msg"].removeprefix("Value error, ")
+    return f"{name}={e.get('input')!r}: {msg}"
 
 
 def cmd_data(args) -> int:
-    from flows.data import data_flow
+    from flows.data import check_data, data_flow
 
-    data_flow(data_params(args))
+    params = data_params(args)
+    check_data(params)
+    data_flow(params)
     return 0
 
 
 def cmd_run(args) -> int:
+    from flows.data import check_data
     from flows.pipeline import pipeline
 
     params = pipeline_params(args, getattr(args, "models", None))
+    check_data(params.data)
     result = pipeline(params)
     write_latest(Path(params.data.root), result)
     return 0
@@ -175,6 +184,16 @@ def cmd_ui(args) -> int:
     return 0
 
 
+def _flags() -> set[str]:
+    """Every field name that has a flag (the parsers' dests)."""
+    return {a.dest for sp in _subparsers(build_parser()) for a in sp._actions}
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return [p for s in subs for p in s.choices.values()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tessera", description="Multimodal transformers, end to end.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -236,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tessera: error: {err}", file=sys.stderr)
         return 2
 
+
+_FLAGS = _flags()
 
 if __name__ == "__main__":
     sys.exit(main())

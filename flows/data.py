@@ -6,8 +6,11 @@ The built-in dataset and ingest write under the local output root; shards and mo
 
 from __future__ import annotations
 
+import csv
+import os
 from pathlib import Path
 
+import pyarrow.parquet as pq
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
@@ -15,10 +18,56 @@ from flows.params import DataParams
 from tasks import stages
 from tasks.infra import storage
 from tasks.data.features import MelConfig
-from tasks.data.ingest import IngestConfig, Sources
+from tasks.data.ingest import IngestConfig, IngestError, Sources, check_sources
+from tasks.data.ingest.sources import KINDS
 from tasks.data.preprocess import PrepConfig
 from tasks.data.shards import ShardConfig
 from tasks.data.builtin.synthetic import SyntheticConfig
+
+
+def _sources(p: DataParams) -> Sources:
+    return Sources(images=p.images, audio=p.audio, captions=p.captions, transcripts=p.transcripts,
+                   shards=tuple(p.shards), allow_roots=tuple(str(r) for r in p.allow_roots))
+
+
+def _columns(table: Path) -> list[str]:
+    """A CSV's header row or a Parquet file's column names, read without reading the rows."""
+    if table.suffix.lower() == ".parquet":
+        return pq.read_schema(table).names
+    with open(table, newline="", encoding="utf-8", errors="replace") as f:
+        return next(csv.reader(f), [])
+
+
+def _has_files(folder: Path, exts: tuple[str, ...]) -> bool:
+    """Whether a folder (any depth, symlinks not followed, hidden names skipped) holds a file with one of exts."""
+    for _, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(f.rsplit(".", 1)[-1].lower() in exts for f in files if not f.startswith(".")):
+            return True
+    return False
+
+
+def check_data(p: DataParams) -> None:
+    """Every data argument checked before any stage runs; an IngestError (one line naming the value and the fix)
+    otherwise: the folders and tables exist and are what they should be, a folder holds files of its kind, a table
+    has the columns named for it, every shard pattern matches."""
+    if p.builtin:
+        return
+    sources = _sources(p)
+    check_sources(sources)
+    ingest_cfg = _configs(p)[0]
+    for kind in KINDS:
+        folder, table = getattr(sources, kind.folder), getattr(sources, kind.table)
+        if folder is not None and not _has_files(folder, kind.exts):
+            raise IngestError(f"{kind.folder} folder {folder} holds no {'/'.join(kind.exts)} files; put them in "
+                              f"{folder}/<class>/, or pass the folder that has them")
+        if table is not None:
+            cols = _columns(table)
+            for field in (kind.path_col, kind.text_col):
+                name = getattr(ingest_cfg, field)
+                if name not in cols:
+                    raise IngestError(f"{kind.table} table {table} has no {name!r} column (columns: "
+                                      f"{', '.join(cols) or 'none'}); name it with --{field.replace('_', '-')} NAME")
 
 
 def _configs(p: DataParams):
@@ -67,11 +116,7 @@ def data_flow(params: DataParams = DataParams()) -> dict:
         )
         sources = stages.builtin_sources(stages.builtin_dataset(syn, root)["path"])
     else:
-        sources = Sources(
-            images=params.images, audio=params.audio, captions=params.captions,
-            transcripts=params.transcripts, shards=tuple(params.shards),
-            allow_roots=tuple(str(r) for r in params.allow_roots),
-        )
+        sources = _sources(params)
     store = storage.location(params.store) if params.store else root
     store = store.resolve() if isinstance(store, Path) else store
     ingested = stages.ingest(sources, ingest_cfg, root)

@@ -69,6 +69,13 @@ class DataParams(BaseModel):
             raise ValueError(f"{v} does not exist; pass an existing path")
         return v
 
+    @field_validator("root")
+    @classmethod
+    def _root_is_a_folder(cls, v: Path) -> Path:
+        if Path(v).exists() and not Path(v).is_dir():
+            raise ValueError(f"{v} is a file; the output root must be a folder (pass --root DIR)")
+        return v
+
     @field_validator("allow_roots")
     @classmethod
     def _folders(cls, v: list[Path]) -> list[Path]:
@@ -96,13 +103,24 @@ class TrainParams(BaseModel):
     preset: str = Field("default", description="model sizes: default (CPU minutes) or tiny (tests)")
     steps: int | None = Field(None, ge=1, description="optimiser steps for every model (default: each model's own)")
     batch_size: int | None = Field(None, ge=1)
-    device: str = Field("auto", description="auto, cpu or cuda")
-    precision: str = Field("auto", description="auto, bf16 or fp32")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (a GPU if there is one), cpu or cuda")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto (bf16 where the device computes "
+                                                       "it faster), bf16 or fp32")
     compile: bool = Field(False, description="torch.compile the training step")
     init_from_trained: bool = Field(True, description="start CLIP's image-tower stem from the trained ViT; "
                                     "off: CLIP from scratch")
     train_overrides: dict[str, dict] = Field(default_factory=dict, description='per model: {"vit": {"lr": 3e-4}}')
     model_overrides: dict[str, dict] = Field(default_factory=dict, description='per model: {"vit": {"depth": 6}}')
+
+    @field_validator("device")
+    @classmethod
+    def _device_exists(cls, v: str) -> str:
+        if v == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError("no CUDA device is visible on this machine; use --device auto or cpu")
+        return v
 
     @field_validator("models")
     @classmethod
