@@ -6,13 +6,19 @@ import argparse
 import os
 import sys
 import tomllib
+import types
+import typing
 from pathlib import Path
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from flows.params import DataParams, PipelineParams
+from flows.params import CodebookParams, DataParams, EvalParams, IndexParams, PipelineParams, TrainParams
 from tasks.train import table
+
+
+SECTIONS = {"data": DataParams, "train": TrainParams, "codebooks": CodebookParams, "eval": EvalParams,
+            "index": IndexParams}
 
 
 def _load_config(path: str | None) -> dict:
@@ -29,41 +35,51 @@ def _load_config(path: str | None) -> dict:
     raise SystemExit(f"tessera: error: config file {p} must end in .yaml, .yml or .toml")
 
 
+# Every field of the parameter models has a flag, with its description and default as help: one place defines a
+# parameter (flows/params.py). Dict fields (per-model overrides) are set in a --config file only; `models` has its own
+# flag where a command trains more than one model.
+CONFIG_ONLY = {"train_overrides", "model_overrides", "models"}
+ALIASES = {"allow_roots": ("--allow-root",)}
+
+
+def _flag_kwargs(field) -> dict:
+    """argparse keywords for one pydantic field: its type, list fields as repeated values, bools as --x/--no-x."""
+    ann = field.annotation
+    args = typing.get_args(ann)
+    inner = next((a for a in args if a is not type(None)), ann) if typing.get_origin(ann) in (typing.Union,
+                                                                                            types.UnionType) else ann
+    default = field.get_default(call_default_factory=True)
+    help_ = f"{field.description or ''}{f' (default: {default})' if default not in (None, []) else ''}".strip()
+    if inner is bool:
+        return {"action": argparse.BooleanOptionalAction, "default": None, "help": help_}
+    if typing.get_origin(inner) is list:
+        item = typing.get_args(inner)[0]
+        choices = typing.get_args(item) if typing.get_origin(item) is typing.Literal else None
+        return {"nargs": "+", "action": "extend", "choices": choices, "help": help_ + " (repeatable)"}
+    if typing.get_origin(inner) is typing.Literal:
+        return {"choices": typing.get_args(inner), "help": help_}
+    return {"type": inner if inner in (int, float) else str, "help": help_}
+
+
+def _add_fields(sp: argparse.ArgumentParser, title: str, model: type[BaseModel]) -> None:
+    g = sp.add_argument_group(title, model.__doc__ if model.__doc__ and "\n" not in model.__doc__ else None)
+    for name, field in model.model_fields.items():
+        if name not in CONFIG_ONLY:
+            flags = [f"--{name.replace('_', '-')}", *ALIASES.get(name, ())]
+            g.add_argument(*flags, dest=name, **_flag_kwargs(field))
+
+
 def _add_data_args(sp: argparse.ArgumentParser) -> None:
-    g = sp.add_argument_group("data")
-    g.add_argument("--root", help="output root (default: outputs)")
-    g.add_argument("--size", type=int, help="built-in dataset: number of images (default 2000)")
-    g.add_argument("--seed", type=int, help="built-in dataset seed")
-    g.add_argument("--image-size", type=int, dest="image_size")
-    g.add_argument("--images", help="image folder root/<class>/*.png")
-    g.add_argument("--audio", help="audio folder root/<class>/*.wav")
-    g.add_argument("--captions", help="CSV/Parquet table with image path and caption columns")
-    g.add_argument("--transcripts", help="CSV/Parquet table with audio path and transcript columns")
-    g.add_argument("--shards", nargs="+", help="existing webdataset shards (paths, globs, fsspec URLs or pipe:CMD)")
-    g.add_argument("--caption-col", dest="caption_col")
-    g.add_argument("--caption-path-col", dest="caption_path_col")
-    g.add_argument("--transcript-col", dest="transcript_col")
-    g.add_argument("--transcript-path-col", dest="transcript_path_col")
-    g.add_argument("--sample-rate", type=int, dest="sample_rate")
-    g.add_argument("--allow-root", action="append", dest="allow_roots", metavar="DIR",
-                   help="also read files a table row or a symlink points at under DIR (repeatable)")
-    g.add_argument("--max-clip-seconds", type=float, dest="max_clip_seconds", help="longest audio clip (default 30)")
-    g.add_argument("--max-pixels", type=int, dest="max_pixels", help="largest image, width x height (default 40e6)")
-    g.add_argument("--max-file-mb", type=int, dest="max_file_mb", help="largest input file or tar member (default 256)")
-    g.add_argument("--decoder-threads", type=int, dest="decoder_threads", help="ingest threads (default min(4, CPUs))")
-    g.add_argument("--shard-maxcount", type=int, dest="shard_maxcount")
-    g.add_argument("--config", help="YAML or TOML file with the same fields; flags override it")
+    _add_fields(sp, "data", DataParams)
+    sp.add_argument("--config", help="YAML or TOML file with the same fields (sections data:, train:, codebooks:, "
+                    "eval:, index:); flags override it")
 
 
 def _add_train_args(sp: argparse.ArgumentParser) -> None:
-    g = sp.add_argument_group("training")
-    g.add_argument("--preset", choices=table.PRESETS, help="model sizes (tiny: a quick smoke run)")
-    g.add_argument("--steps", type=int, help="optimiser steps for every model (default: each model's own)")
-    g.add_argument("--batch-size", type=int, dest="batch_size")
-    g.add_argument("--device", help="auto, cpu or cuda")
-    g.add_argument("--precision", help="auto, bf16 or fp32")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the training step")
-    g.add_argument("--experiment", help="MLflow experiment (default: tessera)")
+    for title, model in SECTIONS.items():
+        if title != "data":
+            _add_fields(sp, title, model)
+    sp.add_argument("--experiment", help="MLflow experiment (default: tessera)")
 
 
 def _overlay(values: dict, args: argparse.Namespace, fields) -> dict:
@@ -81,11 +97,10 @@ def data_params(args: argparse.Namespace) -> DataParams:
 
 def pipeline_params(args: argparse.Namespace, models: list[str] | None = None) -> PipelineParams:
     values = _load_config(args.config)
-    values["data"] = _overlay(values.get("data", {}), args, DataParams.model_fields)
-    train = _overlay(values.get("train", {}), args, ["preset", "steps", "batch_size", "device", "precision", "compile"])
+    for title, model in SECTIONS.items():
+        values[title] = _overlay(values.get(title, {}), args, [f for f in model.model_fields if f not in CONFIG_ONLY])
     if models is not None:
-        train["models"] = models
-    values["train"] = train
+        values["train"]["models"] = models
     if args.experiment:
         values["experiment"] = args.experiment
     return PipelineParams(**values)
@@ -96,10 +111,22 @@ def _one_line(err: ValidationError) -> str:
     field that has no flag is named as its config key (`train.train_overrides`)."""
     e = err.errors()[0]
     loc = [str(x) for x in e["loc"]]
+    if e["type"] == "extra_forbidden":
+        section = _section({"PipelineParams": PipelineParams, "DataParams": DataParams}.get(err.title), loc[:-1])
+        valid = ", ".join(section.model_fields) if section else "see --help"
+        return f"unknown key {'.'.join(loc)!r} in the config; valid keys there: {valid}"
     field = loc[-1] if loc else "value"
     name = f"--{field.replace('_', '-')}" if field in _FLAGS else ".".join(loc) or "value"
     msg = e["msg"].removeprefix("Value error, ")
     return f"{name}={e.get('input')!r}: {msg}"
+
+
+def _section(model, path: list[str]):
+    """The parameter model at a path of field names (["train"] -> TrainParams), or None."""
+    for name in path:
+        field = model.model_fields.get(name) if model else None
+        model = field.annotation if field is not None and isinstance(field.annotation, type) else None
+    return model
 
 
 def cmd_data(args) -> int:
@@ -194,16 +221,24 @@ def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser
     return [p for s in subs for p in s.choices.values()]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (no usage block): `tessera: error: WHAT; see tessera run --help`."""
+
+    def error(self, message: str):
+        self.exit(2, f"tessera: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tessera", description="Multimodal transformers, end to end.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser = Parser(prog="tessera", description="Multimodal transformers, end to end.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     sp = sub.add_parser("data", help="ingest, shard and preprocess a dataset (built-in by default)")
     _add_data_args(sp)
     sp.set_defaults(func=cmd_data)
     sp = sub.add_parser("run", help="run the whole pipeline on the built-in dataset (or your data)")
     _add_data_args(sp)
     _add_train_args(sp)
-    sp.add_argument("--models", nargs="+", choices=list(table.MODELS), help="train only these (default: all)")
+    sp.add_argument("--models", nargs="+", choices=list(table.MODELS), help="train only these (default: every model the data can "
+                    "feed; the run prints why it leaves one out)")
     sp.set_defaults(func=cmd_run)
     sp = sub.add_parser("train", help="train (and evaluate) one model; the data and codebook stages run as needed")
     sp.add_argument("model", choices=list(table.MODELS))

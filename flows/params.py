@@ -5,13 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.infra import storage
 from tasks.train import table
 
 
-class DataParams(BaseModel):
+class Params(BaseModel):
+    """A section of the parameters: a key it does not know (a typo in a config file) is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataParams(Params):
     """Where the data comes from and how it is sharded and preprocessed."""
 
     root: Path = Field(Path("outputs"), description="output root (every stage writes under it)")
@@ -29,10 +35,11 @@ class DataParams(BaseModel):
     captions: Path | None = Field(None, description="CSV or Parquet table: image path + caption")
     transcripts: Path | None = Field(None, description="CSV or Parquet table: audio path + transcript")
     shards: list[str] = Field(default_factory=list, description="existing webdataset shards (paths or globs)")
-    caption_col: str = "caption"
-    caption_path_col: str = "image"
-    transcript_col: str = "transcript"
-    transcript_path_col: str = "audio"
+    caption_col: str = Field("caption", description="the captions table's caption column")
+    caption_path_col: str = Field("image", description="the captions table's column of image paths (relative to "
+                                  "the table's folder)")
+    transcript_col: str = Field("transcript", description="the transcripts table's transcript column")
+    transcript_path_col: str = Field("audio", description="the transcripts table's column of audio paths")
     # what ingest may read (README: What happens to bad input)
     allow_roots: list[Path] = Field(
         default_factory=list, description="more folders a table row or a symlink may point into (besides the "
@@ -43,13 +50,15 @@ class DataParams(BaseModel):
     max_file_mb: int = Field(256, ge=1, description="larger files and tar members are quarantined unread")
     decoder_threads: int = Field(0, ge=0, description="ingest decoding threads (0: min(4, CPUs))")
     # audio features
-    sample_rate: int = Field(16000, ge=4000)
-    n_mels: int = Field(128, ge=8)
-    n_frames: int = Field(128, ge=8)
+    sample_rate: int = Field(16000, ge=4000, description="audio is resampled to this rate (Hz)")
+    n_mels: int = Field(128, ge=8, description="mel bands of the log-mel spectrogram")
+    n_frames: int = Field(128, ge=8, description="spectrogram frames of 10 ms: the window every clip is padded or "
+                          "cut to (128: 1.28 s)")
     # shards
-    shard_maxcount: int = Field(1000, ge=1)
-    val_fraction: float = Field(0.1, ge=0, lt=0.5)
-    test_fraction: float = Field(0.1, ge=0, lt=0.5)
+    shard_maxcount: int = Field(1000, ge=1, description="samples per webdataset shard")
+    val_fraction: float = Field(0.1, ge=0, lt=0.5, description="share of items in the val split (by a hash of "
+                                "their key; a table's split column overrides it)")
+    test_fraction: float = Field(0.1, ge=0, lt=0.5, description="share of items in the test split (likewise)")
 
     @property
     def builtin(self) -> bool:
@@ -87,22 +96,24 @@ class DataParams(BaseModel):
 
 
 
-class CodebookParams(BaseModel):
+class CodebookParams(Params):
     pixels_k: int = Field(64, ge=2, description="ImageGPT colour palette size")
     image_k: int = Field(256, ge=2, description="image patch codebook size (text-to-image tokens)")
     mel_k: int = Field(256, ge=2, description="spectrogram patch codebook size (text-to-speech tokens)")
-    iters: int = Field(25, ge=1)
+    iters: int = Field(25, ge=1, description="k-means iterations")
     min_usage: float = Field(0.25, ge=0, le=1, description="fail the stage below this fraction of codes used")
 
 
-class TrainParams(BaseModel):
+class TrainParams(Params):
     # the model table (tasks/train/table.py) is the only list of model names; it is read when a form is filled
     models: list[str] | None = Field(None, description=f"any of {list(table.MODELS)}; default: every model the "
                                      "data can feed (labels: classifiers; captions: CLIP, text-to-image; "
                                      "transcripts: speech recognition and synthesis)")
-    preset: str = Field("default", description="model sizes: default (CPU minutes) or tiny (tests)")
+    preset: Literal["default", "tiny"] = Field("default", description="model sizes: default (CPU minutes) or tiny "
+                                               "(tests)")
     steps: int | None = Field(None, ge=1, description="optimiser steps for every model (default: each model's own)")
-    batch_size: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1, description="samples per step for every model (default: each "
+                                   "model's own)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (a GPU if there is one), cpu or cuda")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto (bf16 where the device computes "
                                                        "it faster), bf16 or fp32")
@@ -131,20 +142,20 @@ class TrainParams(BaseModel):
         return v
 
 
-class EvalParams(BaseModel):
+class EvalParams(Params):
     max_samples: int | None = Field(None, ge=1, description="cap on test samples per model (default: the whole "
                                     "test split)")
     roundtrips: bool = Field(True, description="text-to-image -> ViT/CLIP and text-to-speech -> ASR")
 
 
-class IndexParams(BaseModel):
+class IndexParams(Params):
     exact_threshold: int = Field(50_000, ge=1, description="exact search below this many images, HNSW above")
     splits: list[Literal["train", "val", "test"]] = Field(
         ["train"], min_length=1, description="the splits whose images are indexed (default: train only, so the test "
         "split stays unseen)")
 
 
-class PipelineParams(BaseModel):
+class PipelineParams(Params):
     """Everything `tessera run` does; the Prefect UI shows it as a form, `--config FILE` fills it."""
 
     data: DataParams = Field(default_factory=DataParams)

@@ -28,9 +28,11 @@ CASES = {
     "missing shard glob": (["data", "--shards", "{t}/nothing-*.tar"], "{t}/nothing-*.tar"),
     "root is a file": (["run", "--root", "{t}/afile"],
                        "--root='{t}/afile': {t}/afile is a file; the output root must be a folder (pass --root DIR)"),
-    "unknown device": (["run", "--device", "tpu"], "--device='tpu': Input should be 'auto', 'cpu' or 'cuda'"),
+    "unknown device": (["run", "--device", "tpu"], "argument --device: invalid choice: 'tpu' (choose from 'auto', 'cpu', "
+                       "'cuda'); see tessera run --help"),
     "unknown precision": (["train", "vit", "--precision", "fp8"],
-                          "--precision='fp8': Input should be 'auto', 'bf16' or 'fp32'"),
+                          "argument --precision: invalid choice: 'fp8' (choose from 'auto', 'bf16', 'fp32')"),
+    "unknown model": (["train", "resnet"], "argument model: invalid choice: 'resnet'"),
     "no steps": (["run", "--steps", "0"], "--steps=0: Input should be greater than or equal to 1"),
 }
 
@@ -40,7 +42,11 @@ def test_a_wrong_argument_is_one_line_before_any_work(case, layout, capsys, monk
     monkeypatch.chdir(layout)  # the default output root would be ./outputs
     argv, expected = CASES[case]
     argv = [a.replace("{t}", str(layout)) for a in argv]
-    assert cli_main(argv + (["--root", str(layout / "out")] if "--root" not in argv else [])) == 2
+    try:
+        status = cli_main(argv + (["--root", str(layout / "out")] if "--root" not in argv else []))
+    except SystemExit as exit_:  # argparse's own checks (choices, types) exit at parse time
+        status = exit_.code
+    assert status == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith("tessera: error: ") and expected.replace("{t}", str(layout)) in err, err
@@ -54,3 +60,30 @@ def test_cuda_without_a_gpu_is_refused_before_any_stage(layout, capsys, monkeypa
     assert err == ("tessera: error: --device='cuda': no CUDA device is visible on this machine; use --device auto or "
                    "cpu\n")
     assert not (layout / "out").exists()
+
+
+@pytest.mark.parametrize("config, command, key", [("data: {split: foo}\n", "run", "data.split"),
+                                                  ("train: {stepz: 3}\n", "run", "train.stepz"),
+                                                  ("split: foo\n", "data", "split")])
+def test_an_unknown_config_key_is_one_line_listing_the_valid_ones(config, command, key, tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text(config)
+    assert cli_main([command, "--config", str(tmp_path / "c.yaml"), "--root", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"tessera: error: unknown key {key!r} in the config; valid keys there: ") and err.count("\n") == 1
+    assert ("steps, batch_size" if "train" in key else "images, audio, captions") in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_parameter_has_a_flag_with_its_description(capsys):
+    """The flags come from the parameter models: none missing, each with its description (and default) as help."""
+    from flows.cli import CONFIG_ONLY, SECTIONS
+
+    with pytest.raises(SystemExit):
+        cli_main(["run", "--help"])
+    helptext = " ".join(capsys.readouterr().out.split())
+    for section, model in SECTIONS.items():
+        for name, field in model.model_fields.items():
+            assert field.description, f"{section}.{name} has no description"
+            if name not in CONFIG_ONLY:
+                assert f"--{name.replace('_', '-')}" in helptext
+                assert " ".join(field.description.split())[:30] in helptext, name
