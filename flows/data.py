@@ -81,8 +81,10 @@ def _configs(p: DataParams):
         max_pixels=p.max_pixels,
         max_file_bytes=p.max_file_mb << 20,
         decoder_threads=p.decoder_threads,
+        name_pattern=p.name_pattern,
     )
-    shard = ShardConfig(maxcount=p.shard_maxcount, val_fraction=p.val_fraction, test_fraction=p.test_fraction)
+    shard = ShardConfig(maxcount=p.shard_maxcount, val_fraction=p.val_fraction, test_fraction=p.test_fraction,
+                        split_by=p.split_by, test_groups=tuple(p.test_groups), val_groups=tuple(p.val_groups))
     mel = MelConfig(sample_rate=p.sample_rate, n_mels=p.n_mels, n_frames=p.n_frames)
     prep = PrepConfig(image_size=p.image_size, mel=mel, maxcount=p.shard_maxcount)
     return ingest, shard, prep

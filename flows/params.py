@@ -59,6 +59,14 @@ class DataParams(Params):
     val_fraction: float = Field(0.1, ge=0, lt=0.5, description="share of items in the val split (by a hash of "
                                 "their key; a table's split column overrides it)")
     test_fraction: float = Field(0.1, ge=0, lt=0.5, description="share of items in the test split (likewise)")
+    name_pattern: str | None = Field(None, description="read fields from file names into each item's metadata, "
+                                     "e.g. '{label}_{speaker}_{take}' (a label field labels the item)")
+    split_by: str | None = Field(None, description="keep every group wholly in one split: a metadata field (a table "
+                                 "column or a --name-pattern field) or 'label'; groups split by a hash with the "
+                                 "fractions, or as named by --test-groups/--val-groups")
+    test_groups: list[str] = Field(default_factory=list, description="groups of --split-by for the test split, e.g. "
+                                   "--test-groups theo (or theo,lucas); the other groups train")
+    val_groups: list[str] = Field(default_factory=list, description="groups of --split-by for the val split")
 
     @property
     def builtin(self) -> bool:
@@ -77,6 +85,17 @@ class DataParams(Params):
         if v is not None and not Path(v).exists():
             raise ValueError(f"{v} does not exist; pass an existing path")
         return v
+
+    @field_validator("test_groups", "val_groups")
+    @classmethod
+    def _comma_lists(cls, v: list[str]) -> list[str]:
+        return [g.strip() for item in v for g in item.split(",") if g.strip()]
+
+    @model_validator(mode="after")
+    def _groups_need_split_by(self) -> "DataParams":
+        if (self.test_groups or self.val_groups) and not self.split_by:
+            raise ValueError("--test-groups/--val-groups name groups of --split-by FIELD; pass --split-by too")
+        return self
 
     @field_validator("root")
     @classmethod

@@ -20,6 +20,7 @@ model-ready shards with); `read_samples` iterates raw samples through webdataset
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -59,6 +60,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("duration_s", pa.float32()),
         ("source", pa.string()),
         ("meta", pa.string()),
+        ("split_source", pa.string()),  # where the split came from: "given", "hash of key" or "FIELD=group"
     ]
 )
 
@@ -70,8 +72,17 @@ class ShardConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     split_salt: str = "tessera"
+    # group split: every item with the same value of this metadata field (a table column, a --name-pattern field, or
+    # "label") lands in one split: a speaker, fold or session is never in two
+    split_by: str | None = None
+    test_groups: tuple[str, ...] = ()  # groups named for the test split (the rest: val_groups, else train)
+    val_groups: tuple[str, ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "test_groups", tuple(self.test_groups))
+        object.__setattr__(self, "val_groups", tuple(self.val_groups))
+        if (self.test_groups or self.val_groups) and not self.split_by:
+            raise ValueError("test_groups/val_groups name groups of --split-by FIELD; pass --split-by too")
         if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
             raise ValueError(
                 f"val_fraction={self.val_fraction} and test_fraction={self.test_fraction} must be >= 0 and sum to < 1"
@@ -80,8 +91,54 @@ class ShardConfig:
             raise ValueError(f"maxcount={self.maxcount} must be >= 1")
 
 
+def split_of(row: dict, cfg: ShardConfig) -> tuple[str, str]:
+    """(split, where it came from) of one item: the row's own split (a table column or a split folder), else its
+    group's (cfg.split_by: named groups, or a hash of the group value), else a hash of its key."""
+    if row.get("split"):
+        return row["split"], "given"
+    if not cfg.split_by:
+        return assign_split(row["key"], cfg), "hash of key"
+    meta = json.loads(row["meta"]) if row.get("meta") else {}
+    group = row.get("label") if cfg.split_by == "label" else meta.get(cfg.split_by)
+    if group is None:
+        raise ValueError(f"item {row['key']} ({row.get('source')}) has no {cfg.split_by!r} value to split by; give "
+                         f"it that column, a --name-pattern field, or drop --split-by")
+    group = str(group)
+    source = f"{cfg.split_by}={group}"
+    if group in cfg.test_groups:
+        return "test", source
+    if group in cfg.val_groups:
+        return "val", source
+    if cfg.test_groups and not cfg.val_groups:  # val: a share of the other groups' items (held-out takes)
+        val_only = dataclasses.replace(cfg, test_fraction=0.0, split_by=None, test_groups=())
+        return assign_split(row["key"], val_only), f"{source}; val by hash of key"
+    if cfg.test_groups or cfg.val_groups:
+        return "train", source
+    return assign_split(group, cfg), source
+
+
+def check_group_split(rows: list[dict], cfg: ShardConfig) -> None:
+    """With --split-by: no group in two splits (a given split can override a group), and every split the fractions
+    ask for gets a group; a one-line ValueError otherwise."""
+    if not cfg.split_by:
+        return
+    groups: dict[str, set[str]] = {}
+    for r in rows:
+        if r["split_source"].startswith(f"{cfg.split_by}="):
+            groups.setdefault(r["split"], set()).add(r["split_source"])
+    wanted = [s for s, f, named in (("test", cfg.test_fraction, cfg.test_groups), ("val", cfg.val_fraction,
+              cfg.val_groups)) if (named or (f > 0 and not (cfg.test_groups or cfg.val_groups)))]
+    groups.setdefault("train", set()).update(groups.pop("val", set()) if cfg.test_groups and not cfg.val_groups
+                                             else set())
+    empty = [s for s in ["train", *wanted] if not groups.get(s)]
+    if empty:
+        n = len(set().union(*groups.values())) if groups else 0
+        raise ValueError(f"--split-by {cfg.split_by}: {n} group(s) leave the {' and '.join(empty)} split(s) empty; "
+                         "name the groups with --test-groups/--val-groups, or change the fractions")
+
+
 def assign_split(key: str, cfg: ShardConfig) -> str:
-    """train/val/test from a salted hash of the key: depends on nothing but the key."""
+    """train/val/test from a salted hash of the key (or group): depends on nothing but it."""
     h = int.from_bytes(hashlib.sha256(f"{cfg.split_salt}:{key}".encode()).digest()[:8], "big") / 2**64
     if h < cfg.test_fraction:
         return "test"
@@ -119,7 +176,7 @@ def write_shards(items: Path | str, cfg: ShardConfig, out_dir: Path | str) -> di
         pf = pq.ParquetFile(items if isinstance(items, Path) else stack.enter_context(storage.open(items)))
         for batch in progress(pf.iter_batches(batch_size=256), desc="shards", unit="batch"):
             for row in batch.to_pylist():
-                split = row.get("split") or assign_split(row["key"], cfg)
+                split, source = split_of(row, cfg)
                 if split not in SPLITS:
                     raise ValueError(f"item {row['key']} has split={split!r}; use one of {SPLITS} or leave it empty")
                 group = (row["modality"], split)
@@ -132,11 +189,13 @@ def write_shards(items: Path | str, cfg: ShardConfig, out_dir: Path | str) -> di
                 writer = writers[group]
                 writer.write(_sample(row))
                 shard = str(Path(writer.fname).relative_to(tmp))
-                rows_out.append({**{k: row.get(k) for k in MANIFEST_SCHEMA.names}, "split": split, "shard": shard})
+                rows_out.append({**{k: row.get(k) for k in MANIFEST_SCHEMA.names}, "split": split, "shard": shard,
+                                 "split_source": source})
         for w in writers.values():
             w.close()
         if not rows_out:
             raise ValueError(f"items table {items} is empty: nothing to shard")
+        check_group_split(rows_out, cfg)
         table = pa.Table.from_pylist(rows_out, schema=MANIFEST_SCHEMA)
         pq.write_table(table, tmp / "manifest.parquet")
         shards = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*.tar"))

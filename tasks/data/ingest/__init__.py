@@ -73,6 +73,7 @@ from tasks.data.ingest.sources import (
     digest_sources,
     jsonable,
     make_key,
+    name_fields,
     plan_kind,
     read_table,
 )
@@ -132,6 +133,9 @@ def _plan(sources: Sources, cfg: IngestConfig, ledger: Ledger) -> Iterator[Job]:
     seen: dict[str, str] = {}
     kinds = (plan_kind(kind, sources, cfg, ledger) for kind in KINDS)
     for job in itertools.chain(*kinds, plan_shards(sources, cfg, ledger)):
+        if cfg.name_pattern and (why := name_fields(job, cfg.name_pattern)):
+            ledger.refuse(job.source, job.modality, why)
+            continue
         if job.key in seen:
             reason = f"duplicate of an earlier item: same key {job.key} as {seen[job.key]}"
             ledger.refuse(job.source, job.modality, reason)

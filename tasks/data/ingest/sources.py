@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,7 @@ class IngestConfig:
     max_pixels: int = 40_000_000  # --max-pixels: larger images are quarantined from their header, never decoded
     max_file_bytes: int = 256 << 20  # --max-file-mb: larger files and tar members are quarantined, never read
     decoder_threads: int = 0  # --decoder-threads: 0 = min(4, CPUs)
+    name_pattern: str | None = None  # --name-pattern "{label}_{speaker}_{take}": file-name fields into the metadata
 
     def __post_init__(self):
         if self.sample_rate <= 0:
@@ -135,6 +137,32 @@ class IngestConfig:
         for name, low in (("max_pixels", 1), ("max_file_bytes", 1), ("decoder_threads", 0)):
             if getattr(self, name) < low:
                 raise IngestError(f"{name}={getattr(self, name)} must be >= {low}")
+        if self.name_pattern is not None:
+            name_regex(self.name_pattern)  # a malformed pattern fails here, before any work
+
+
+def name_regex(pattern: str) -> re.Pattern:
+    """"{label}_{speaker}_{take}" -> a regex whose named groups are the fields, matching a whole file stem; the
+    literal text between fields is matched as written, a field never spans it (shortest match)."""
+    parts = re.split(r"\{(\w+)\}", pattern)
+    fields = parts[1::2]
+    if not fields or len(set(fields)) != len(fields):
+        raise IngestError(f"--name-pattern {pattern!r} needs distinct {{field}} names, e.g. '{{label}}_{{speaker}}_{{take}}'")
+    regex = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.+?)" for i, p in enumerate(parts))
+    return re.compile(regex + r"\Z")
+
+
+def name_fields(job: "Job", pattern: str) -> str | None:
+    """Fill job.meta (and job.label, from a `label` field, when it has none) from its file name; the reason it
+    does not match, else None."""
+    stem = Path(job.source).name.split(".", 1)[0]
+    m = name_regex(pattern).match(stem)
+    if m is None:
+        return f"file name does not match --name-pattern: {stem!r} is not {pattern!r}"
+    fields = m.groupdict()
+    job.meta = {**fields, **job.meta}  # a table's own columns win
+    job.label = job.label or fields.get("label")
+    return None
 
 
 @dataclass(frozen=True)
@@ -341,12 +369,14 @@ def plan_kind(kind: Kind, sources: Sources, cfg: IngestConfig, ledger: Ledger) -
     if root is not None:
         for f, real in scan_folder(root, kind.exts, roots, ledger, kind.modality):
             rel = f.relative_to(root)
-            label = rel.parts[0] if len(rel.parts) > 1 else None
+            split, parts = (rel.parts[0], rel.parts[1:]) if rel.parts[0] in SPLITS and len(rel.parts) > 2 else \
+                (None, rel.parts)  # root/<split>/<class>/file: the folder names the split
+            label = parts[0] if len(parts) > 1 else None
             key = make_key(kind.modality, f"{kind.folder}:{rel.as_posix()}")
-            job = Job(key, kind.modality, str(f), path=real, label=label)
+            job = Job(key, kind.modality, str(f), path=real, label=label, split=split)
             if (hit := rows.pop(real, None)) is not None:
                 joined = hit[1]
-                job.text, job.split, job.meta = joined["text"], joined["split"], joined["meta"]
+                job.text, job.split, job.meta = joined["text"], joined["split"] or job.split, joined["meta"]
                 job.label = joined["label"] or label  # an explicit label column wins over the folder name
             yield job
     if rows:
