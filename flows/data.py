@@ -101,6 +101,9 @@ def _summary(ingested: dict, sharded: dict, prepared: dict) -> str:
         f"quarantined: **{ingested['n_quarantined']}**{f' ({reasons})' if reasons else ''} (see "
         f"`{ingested['quarantine']}`)",
         f"skipped on purpose: {skipped or 'nothing'}",
+        "changed on the way in: " + (", ".join(f"{k} {n}" for k, n in sorted({**ingested.get("changes", {}),
+                                                                             **prepared.get("changes", {})}.items()))
+                                     or "nothing"),
         f"shards: `{sharded['path']}` (manifest digest `{sharded['digest']}`)",
         f"model-ready: `{prepared['path']}`",
     ]

@@ -173,7 +173,7 @@ def ingest(sources: Sources, cfg: IngestConfig, root: Path) -> dict:
         res = ingest_lib.ingest(sources, cfg, out)
     return plain({"path": str(out), "items": str(res.items_path), "quarantine": str(res.quarantine_path),
                   "n_items": dict(res.n_items), "n_quarantined": res.n_quarantined, "digest": res.digest,
-                  "reasons": dict(res.reasons), "skipped": dict(res.skipped)})
+                  "reasons": dict(res.reasons), "skipped": dict(res.skipped), "changes": dict(res.changes)})
 
 
 def _shard_out(items: Path | str, cfg: ShardConfig, root: Path | str, **_) -> Path | str:

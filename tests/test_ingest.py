@@ -478,3 +478,27 @@ def test_limits_and_allowed_roots_from_the_command_line(tmp_path):
 
     with pytest.raises(ValidationError, match="--allow-root"):
         data_params(build_parser().parse_args(["data", "--allow-root", str(tmp_path / "nope"), "--config", ""]))
+
+
+def test_every_change_on_the_way_in_is_counted(tmp_path):
+    """Resampling, mixing to mono and converting images are counted in the summary, never silent."""
+    (tmp_path / "a" / "x").mkdir(parents=True)
+    (tmp_path / "i" / "x").mkdir(parents=True)
+    t = np.arange(8000) / 8000
+    sf.write(tmp_path / "a" / "x" / "st.wav", np.stack([np.sin(2 * np.pi * 300 * t)] * 2, 1).astype(np.float32) * 0.3,
+             8000)
+    Image.new("L", (16, 16), 128).save(tmp_path / "i" / "x" / "grey.png")
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(tmp_path / "i" / "x" / "rgb.png")
+    res = ingest(Sources(images=tmp_path / "i", audio=tmp_path / "a"), IngestConfig(), tmp_path / "out")
+    assert res.changes == {"audio mixed from 2 channels to mono": 1, "audio resampled 8000 Hz -> 16000 Hz": 1,
+                           "image converted from L to RGB": 1}
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["changes"] == res.changes
+
+
+def test_preprocessing_counts_what_it_cuts_and_resizes():
+    from tasks.data.preprocess import PrepConfig, prep_changes
+
+    rows = [dict(modality="audio", duration_s=d, width=None, height=None) for d in (0.5, 1.27, 1.3, 5.0)] + \
+           [dict(modality="image", duration_s=None, width=w, height=w) for w in (32, 64)]
+    assert prep_changes(rows, PrepConfig()) == {"audio clips cut to the 1.27 s window (--n-frames 128)": 2,
+                                                "images cropped and resized to 32x32": 1}

@@ -191,6 +191,16 @@ def _audio(shards: Path, tmp: Path, cfg: PrepConfig, classes, counts, rng) -> di
     return {"classes": classes, "mean": mean, "std": std, "mel": vars(cfg.mel) | {"hop_length": cfg.mel.hop_length}}
 
 
+def prep_changes(manifest, cfg: PrepConfig) -> dict[str, int]:
+    """What preprocessing changes, counted: clips longer than the spectrogram window are cut (the window is
+    --n-frames), images not already image_size x image_size are centre-cropped and resized."""
+    window = (cfg.mel.n_frames - 1) * cfg.mel.hop_ms / 1000
+    cut = sum(r["modality"] == "audio" and (r["duration_s"] or 0) > window + 1e-6 for r in manifest)
+    resized = sum(r["modality"] == "image" and (r["width"], r["height"]) != (cfg.image_size,) * 2 for r in manifest)
+    return {k: n for k, n in ((f"audio clips cut to the {window:.2f} s window (--n-frames {cfg.mel.n_frames})", cut),
+                              (f"images cropped and resized to {cfg.image_size}x{cfg.image_size}", resized)) if n}
+
+
 def preprocess(shards: Path | str, cfg: PrepConfig, out_dir: Path | str) -> dict:
     """Write model-ready shards, stats and patch samples for `shards` into `out_dir` atomically (either may be an
     fsspec URL: tasks/infra/storage.py)."""
@@ -212,6 +222,7 @@ def preprocess(shards: Path | str, cfg: PrepConfig, out_dir: Path | str) -> dict
         if "audio" in counts:
             stats["audio"] = _audio(shards, tmp, cfg, _classes(manifest, "audio"), counts["audio"], rng)
             stats["audio"]["facts"] = data_facts(manifest, "audio")
+        stats["changes"] = prep_changes(manifest, cfg)
         write_json(tmp / "stats.json", stats)
-        record.update(digest=tree_digest(tmp)[:32], counts=counts)
+        record.update(digest=tree_digest(tmp)[:32], counts=counts, changes=stats["changes"])
     return record

@@ -72,7 +72,7 @@ class DataInfo:
     def modality(self, name: str) -> dict:
         if name not in self.stats:
             raise ValueError(f"the prepared data in {self.prep_dir} has no {name} items (stats.json has "
-                             f"{sorted(k for k in self.stats if k != 'counts')})")
+                             f"{sorted(k for k in self.stats if k not in ('counts', 'changes'))})")
         return self.stats[name]
 
     def n_classes(self, modality: str) -> int:

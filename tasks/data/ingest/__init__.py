@@ -122,6 +122,7 @@ class IngestResult:
     digest: str  # of the item rows (key, sha256, label, text, split, meta), not of the Parquet bytes
     reasons: dict[str, int] = field(default_factory=dict)  # quarantine reasons by kind
     skipped: dict[str, int] = field(default_factory=dict)  # passed over on purpose, by reason
+    changes: dict[str, int] = field(default_factory=dict)  # items changed on the way in (resampled, ...), by kind
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,7 +226,26 @@ def _result(out_dir: Path, record: dict) -> IngestResult:
         digest=record["digest"],
         reasons=dict(record.get("reasons", {})),
         skipped=dict(record.get("skipped", {})),
+        changes=dict(record.get("changes", {})),
     )
+
+
+def changes(rows: list[dict], cfg: IngestConfig) -> dict[str, int]:
+    """What ingest changed in the items it kept, counted by kind (from what decoding measured): audio resampled or
+    mixed to mono, images converted to RGB or re-encoded as PNG. Nothing changes silently."""
+    counts: Counter = Counter()
+    for r in rows:
+        m = json.loads(r["meta"])
+        if r["modality"] == "audio":
+            if m.get("orig_sample_rate") not in (None, cfg.sample_rate):
+                counts[f"audio resampled {m['orig_sample_rate']} Hz -> {cfg.sample_rate} Hz"] += 1
+            if (m.get("channels") or 1) > 1:
+                counts[f"audio mixed from {m['channels']} channels to mono"] += 1
+        elif m.get("orig_mode") not in (None, "RGB"):
+            counts[f"image converted from {m['orig_mode']} to RGB"] += 1
+        elif r["payload_ext"] == "png" and m.get("orig_format") not in (None, "PNG", "JPEG", "WEBP"):
+            counts[f"image re-encoded from {m['orig_format']} as PNG"] += 1
+    return dict(sorted(counts.items()))
 
 
 def _collect(sources: Sources, cfg: IngestConfig, ledger: Ledger, spool) -> list[dict]:
@@ -281,14 +301,14 @@ def ingest(sources: Sources, cfg: IngestConfig, out_dir: Path) -> IngestResult:
         spool_path.unlink()
         _write_quarantine(tmp / "quarantine.parquet", quarantine)
         n_items = {k.modality: sum(r["modality"] == k.modality for r in rows) for k in KINDS}
-        reasons, skipped = _reasons(quarantine), dict(sorted(ledger.skipped.items()))
+        reasons, skipped, changed = _reasons(quarantine), dict(sorted(ledger.skipped.items())), changes(rows, cfg)
         write_json(tmp / "summary.json", {
             "n_items": n_items, "n_inputs": n_inputs, "n_quarantined": len(quarantine), "reasons": reasons,
-            "skipped": skipped, "allowed_roots": [str(r) for r in sources.roots()], "digest": row_digest,
-            "config": asdict(cfg),
+            "skipped": skipped, "changes": changed, "allowed_roots": [str(r) for r in sources.roots()],
+            "digest": row_digest, "config": asdict(cfg),
         })
         record.update(
             items="items.parquet", quarantine="quarantine.parquet", summary="summary.json", n_items=n_items,
-            n_quarantined=len(quarantine), digest=row_digest, reasons=reasons, skipped=skipped,
+            n_quarantined=len(quarantine), digest=row_digest, reasons=reasons, skipped=skipped, changes=changed,
         )
     return _result(out_dir, record)
