@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from flows.params import CodebookParams, DataParams, EvalParams, IndexParams, PipelineParams, TrainParams
+from tasks.infra import procs
 from tasks.train import table
 
 
@@ -196,8 +197,12 @@ def cmd_deploy(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from flows.deploy import worker_command
+    from prefect.client.orchestration import get_client
 
+    from flows.deploy import repair_train_slots, worker_command
+
+    with get_client(sync_client=True) as client:  # slots a dead holder kept (a server restart) are given back first
+        repair_train_slots(client)
     argv, env = worker_command(args.pool, args.name, args.limit)
     os.execve(argv[0], argv, env)  # the worker replaces this process: signals (Ctrl-C, SIGTERM) reach it directly
 
@@ -280,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no telemetry: the machines may be offline
     # the embedded (ephemeral) Prefect API can take longer than its 20 s default to start on a busy 2-core machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    procs.guard_temporary_server()  # a temporary Prefect server this command starts ends with it, even on SIGKILL
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

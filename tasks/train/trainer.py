@@ -14,7 +14,8 @@ step k. So a run of N steps logs train/loss at 1..N and val/* at the multiples o
 at step k holds the weights after step k and the val/* of step k.
 
 A run that dies ends its MLflow run FAILED, or KILLED on Ctrl-C or SIGTERM (a handler turns SIGTERM into an
-exception while training runs in the main thread); it is never left RUNNING, except by SIGKILL, which resuming ends.
+exception while training runs in the main thread); it is never left RUNNING, except by SIGKILL, which the next start
+ends (KILLED; tasks/infra/tracking.py).
 
 Resume: `out_dir/ckpt.pt` (written atomically) holds the weights, the optimiser, the step, the data position
 (epoch, batch) and every RNG state; `out_dir/train.json` holds the MLflow run id from the moment the run exists.
