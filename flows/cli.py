@@ -130,6 +130,15 @@ def _section(model, path: list[str]):
     return model
 
 
+def check_device(device: str) -> None:
+    """`--device cuda` on a machine without one fails here, before any stage (a deployment's parameters are not
+    checked against the machine that writes them, only where they run)."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device='cuda': no CUDA device is visible on this machine; use --device auto or cpu")
+
+
 def cmd_data(args) -> int:
     from flows.data import check_data, data_flow
 
@@ -144,6 +153,7 @@ def cmd_run(args) -> int:
     from flows.pipeline import pipeline
 
     params = pipeline_params(args, getattr(args, "models", None))
+    check_device(params.train.device)
     check_data(params.data)
     result = pipeline(params)
     write_latest(Path(params.data.root), result)

@@ -142,16 +142,6 @@ class TrainParams(Params):
     train_overrides: dict[str, dict] = Field(default_factory=dict, description='per model: {"vit": {"lr": 3e-4}}')
     model_overrides: dict[str, dict] = Field(default_factory=dict, description='per model: {"vit": {"depth": 6}}')
 
-    @field_validator("device")
-    @classmethod
-    def _device_exists(cls, v: str) -> str:
-        if v == "cuda":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise ValueError("no CUDA device is visible on this machine; use --device auto or cpu")
-        return v
-
     @field_validator("models")
     @classmethod
     def _known(cls, v: list[str] | None) -> list[str] | None:

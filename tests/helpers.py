@@ -21,6 +21,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
 from models.clip import CLIP, CLIPConfig
 from models.vq import Codebook
+from tasks.data.codebook import save_codebook
 from tasks.infra.checkpoint import save_checkpoint
 from tasks.infra.common import sha256_bytes, write_json
 from tasks.train.trainer import TrainConfig
@@ -124,14 +125,14 @@ def make_prep(root: Path, n_train: int = 64, n_val: int = 16) -> Path:
 
 
 def make_codebooks(root: Path) -> dict[str, str]:
-    """Random codebooks in the format the codebook stage saves: {"config", "state_dict"}."""
+    """Random codebooks, saved by the codebook stage's own save_codebook."""
     g = torch.Generator().manual_seed(0)
     paths = {}
     for kind, k, dim, patch, scale in (("pixels", 8, 3, 1, 255.0), ("image", 8, 4 * 4 * 3, 4, 255.0),
                                        ("mel", 8, 16 * 16, 16, 1.0)):
         cb = Codebook.from_codes(torch.rand(k, dim, generator=g) * scale)
         paths[kind] = str(root / f"{kind}.pt")
-        torch.save({"config": {"k": k, "dim": dim, "patch": patch}, "state_dict": cb.state_dict()}, paths[kind])
+        save_codebook(cb, Path(paths[kind]), {"kind": kind, "patch": patch})
     return paths
 
 

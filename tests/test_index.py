@@ -15,6 +15,7 @@ from PIL import Image
 
 from models.vit import ViT, ViTConfig
 from tasks.index.build import CollapsedEmbeddingsError, check_spread
+from tasks.index.embed import embed_texts
 from tasks.infra.checkpoint import load_checkpoint
 from tasks.infra.checkpoint import save_checkpoint as save_trainer_checkpoint
 from tasks.index import (
@@ -124,7 +125,9 @@ def test_text_search_returns_k_sorted_hits(built):
     assert len(hits) == 5
     scores = [h.score for h in hits]
     assert scores == sorted(scores, reverse=True)
-    assert all(-1.0001 <= s <= 1.0001 for s in scores)
+    query = embed_texts(loaded.model, ["a circle"], loaded.device)[0]  # the scores are the images' cosines to it
+    images = {r["key"]: np.array(r["image_emb"]) for r in pq.read_table(built["out"] / EMBEDDINGS_FILE).to_pylist()}
+    assert scores == pytest.approx([float(images[h.key] @ query) for h in hits], abs=1e-4)
     assert len(search_text(loaded, "a circle", k=100)) == 20
     text = format_hits(hits, loaded.provenance)
     assert hits[0].key in text and loaded.provenance["model"]["sha256"][:12] in text
@@ -174,8 +177,8 @@ def test_only_an_image_clip_checkpoint_builds_an_index(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"CLIP checkpoint .*nothing\.pt does not exist; train one"):
         build_index(tmp_path / "prep", tmp_path / "nothing.pt", tmp_path / "index")
     vit = ViTConfig(img_size=SIZE, patch_size=4, dim=16, depth=1, n_heads=2, n_classes=2)
-    torch.save({"model": "vit", "config": dataclasses.asdict(vit), "state_dict": ViT(vit).state_dict()},
-               tmp_path / "vit.pt")
+    save_trainer_checkpoint(tmp_path / "vit.pt", {"model": "vit", "config": dataclasses.asdict(vit),
+                                                  "state_dict": ViT(vit).state_dict()})
     with pytest.raises(ValueError, match=r"vit\.pt is a 'vit' model, not a CLIP; the index needs a CLIP"):
         build_index(tmp_path / "prep", tmp_path / "vit.pt", tmp_path / "index")
     assert not (tmp_path / "index").exists()
