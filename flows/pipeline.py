@@ -50,6 +50,15 @@ def plan_models(params: PipelineParams, stats: dict) -> list[str]:
     return train_order(planned)
 
 
+def data_summary(data: dict) -> dict:
+    """What the data stages kept, refused, skipped and changed (the run's data/summary.json in MLflow)."""
+    ingest = data["ingest"]
+    return {"items": ingest["n_items"], "quarantined": ingest["n_quarantined"], "reasons": ingest.get("reasons", {}),
+            "skipped": ingest.get("skipped", {}), "changes": {**ingest.get("changes", {}),
+                                                               **data["prep"].get("changes", {})},
+            "splits": data["shards"]["counts"]}
+
+
 def codebook_config(params: PipelineParams, models: list[str]) -> CodebookConfig:
     """The codebook stage's config, fitting only the codebooks the planned models read."""
     kinds = tuple(k for k in CODEBOOKS if any(spec(m).codebook == k for m in models))
@@ -121,6 +130,7 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
           train_slot_watch(runtime.flow_run.id)):  # a training that waits for a GPU slot says for what
         parent.log_params(params.model_dump(mode="json"))
         parent.log_dataset("tessera-shards", data["shards"]["digest"], data["shards"]["path"])
+        parent.client.log_dict(parent.run_id, data_summary(data), "data/summary.json")
         run = dict(parent_run_id=parent.run_id, experiment=params.experiment)
         cb = stages.fit_codebooks(prep, codebook_config(params, models), root, **run)
         trained, evals = _train_and_evaluate(params, models, prep, cb, root, run)

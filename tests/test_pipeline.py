@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -80,6 +82,9 @@ def test_pipeline_trains_every_model_and_tracks_it(first_run):
         assert client.get_registered_model(f"tessera-{m}").latest_versions
     assert "codebooks" in children and "clip-index" in children
     assert parents[0].inputs.dataset_inputs  # dataset lineage
+    summary = json.loads(Path(client.download_artifacts(parent_id, "data/summary.json", str(root))).read_text())
+    assert summary["quarantined"] == 0 and sum(summary["items"].values()) == sum(
+        n for counts in summary["splits"].values() for n in counts.values())  # every item kept is in a split
 
 
 def test_second_run_comes_from_the_cache(first_run):

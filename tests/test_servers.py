@@ -29,6 +29,7 @@ import yaml
 
 from flows import deploy as deploy_lib
 from flows.cli import main as cli_main
+from tasks.infra import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: tessera, prefect, mlflow
@@ -42,23 +43,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _children(pid: int) -> list[int]:
-    """Every descendant of `pid` (from /proc), so that process groups of their own are stopped too."""
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        kids = parents.get(todo.pop(), [])
-        out += kids
-        todo += kids
-    return out
 
 
 @dataclass
@@ -81,7 +65,7 @@ def _stop(proc: Proc) -> None:
     """SIGTERM to the process group and to the groups of its descendants, SIGKILL whatever is left after 10 s
     (a Prefect worker may take longer than that to shut down gracefully)."""
     groups = {proc.popen.pid}
-    for pid in _children(proc.popen.pid):
+    for pid in procs.descendants(proc.popen.pid):
         try:
             groups.add(os.getpgid(pid))
         except ProcessLookupError:
