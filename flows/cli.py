@@ -139,6 +139,20 @@ def check_device(device: str) -> None:
         raise ValueError("--device='cuda': no CUDA device is visible on this machine; use --device auto or cpu")
 
 
+def check_models(params: PipelineParams) -> None:
+    """Models named with --models that your data cannot feed: one line before any model stage. The data stages run
+    first (their results are what the pipeline then reuses, Cached); the built-in set feeds every model."""
+    if params.train.models is None or params.data.builtin:
+        return
+    import json
+
+    from flows.data import data_flow
+    from tasks.train.table import plan
+
+    prep = Path(data_flow(params.data)["prep"]["path"])
+    plan(params.train.models, json.loads((prep / "stats.json").read_text()), params.train.batch_size)
+
+
 def cmd_data(args) -> int:
     from flows.data import check_data, data_flow
 
@@ -155,6 +169,7 @@ def cmd_run(args) -> int:
     params = pipeline_params(args, getattr(args, "models", None))
     check_device(params.train.device)
     check_data(params.data)
+    check_models(params)
     result = pipeline(params)
     write_latest(Path(params.data.root), result)
     return 0

@@ -87,3 +87,17 @@ def test_every_parameter_has_a_flag_with_its_description(capsys):
             if name not in CONFIG_ONLY:
                 assert f"--{name.replace('_', '-')}" in helptext
                 assert " ".join(field.description.split())[:30] in helptext, name
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_named_model_the_data_cannot_feed_is_one_line_before_any_model_stage(layout, capsys):
+    """Images without captions cannot train CLIP: the data stages run, then one line, and no codebook or training."""
+    (layout / "imgs" / "dog").mkdir()
+    for i in range(6):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(layout / "imgs" / ("cat", "dog")[i % 2] / f"{i}.png")
+    assert cli_main(["run", "--images", str(layout / "imgs"), "--models", "vit", "clip",
+                     "--root", str(layout / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == ("tessera: error: cannot train clip: it needs captions, and no image item in the train split has "
+                   "one (leave it out of --models, or bring data that has it)\n")
+    assert (layout / "out" / "prep").is_dir() and not (layout / "out" / "codebooks").exists()
