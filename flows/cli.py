@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import tomllib
@@ -130,6 +131,30 @@ def _section(model, path: list[str]):
     return model
 
 
+class UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs a failed task's or flow's exception with its traceback. For bad input (a ValueError or a missing
+    file, whose message names the value and the fix) the message is enough: this drops the traceback, and the CLI
+    prints the message once more as its last line. Other exceptions keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], (ValueError, FileNotFoundError)):
+            record.exc_info = record.exc_text = None
+        # a failed task's exception is not a record to store (records are JSON): Prefect's warning says nothing new
+        message = record.getMessage()
+        return not ("Failed to serialize object of type '" in message and "Error' with serializer 'json'" in message)
+
+
+def quiet_user_errors() -> None:
+    """Install UserErrorsWithoutTraceback on the handlers Prefect's logging set up (console and API)."""
+    import prefect.logging  # noqa: F401 - Prefect configures its logging when first imported
+
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in list(logging.Logger.manager.loggerDict)
+                                      if n.startswith("prefect"))]
+    for handler in {h for lg in loggers for h in lg.handlers}:
+        if not any(isinstance(f, UserErrorsWithoutTraceback) for f in handler.filters):
+            handler.addFilter(UserErrorsWithoutTraceback())
+
+
 def check_device(device: str) -> None:
     """`--device cuda` on a machine without one fails here, before any stage (a deployment's parameters are not
     checked against the machine that writes them, only where they run)."""
@@ -158,6 +183,7 @@ def cmd_data(args) -> int:
 
     params = data_params(args)
     check_data(params)
+    quiet_user_errors()
     data_flow(params)
     return 0
 
@@ -169,6 +195,7 @@ def cmd_run(args) -> int:
     params = pipeline_params(args, getattr(args, "models", None))
     check_device(params.train.device)
     check_data(params.data)
+    quiet_user_errors()
     check_models(params)
     result = pipeline(params)
     write_latest(Path(params.data.root), result)

@@ -101,3 +101,24 @@ def test_a_named_model_the_data_cannot_feed_is_one_line_before_any_model_stage(l
     assert err == ("tessera: error: cannot train clip: it needs captions, and no image item in the train split has "
                    "one (leave it out of --models, or bring data that has it)\n")
     assert (layout / "out" / "prep").is_dir() and not (layout / "out" / "codebooks").exists()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_bad_input_found_inside_a_stage_prints_no_traceback(tmp_path, capfd):
+    """A --split-by that leaves splits empty is found by the shard stage: Prefect's log lines keep the message and
+    drop the traceback, and the CLI's last line is the error."""
+    import numpy as np
+    import soundfile as sf
+
+    for i in range(4):
+        for c in "ab":
+            (tmp_path / "clips" / c).mkdir(parents=True, exist_ok=True)
+            sf.write(tmp_path / "clips" / c / f"{c}_{i}.wav", (0.3 * np.sin(np.arange(3200) * (0.05 + i / 100))
+                                                                ).astype("float32"), 16000)
+    status = cli_main(["data", "--root", str(tmp_path / "out"), "--audio", str(tmp_path / "clips"), "--name-pattern",
+                       "{x}_{take}", "--split-by", "take", "--val-fraction", "0.01", "--test-fraction", "0.01"])
+    out, err = capfd.readouterr()
+    assert status == 2 and "Traceback" not in out + err and "Failed to serialize" not in out + err
+    assert err.rstrip().splitlines()[-1] == ("tessera: error: --split-by take: 4 group(s) leave the test and val "
+                                             "split(s) empty; name the groups with --test-groups/--val-groups, or "
+                                             "change the fractions")
