@@ -118,7 +118,7 @@ def _one_line(err: ValidationError) -> str:
         valid = ", ".join(section.model_fields) if section else "see --help"
         return f"unknown key {'.'.join(loc)!r} in the config; valid keys there: {valid}"
     field = loc[-1] if loc else "value"
-    name = f"--{field.replace('_', '-')}" if field in _FLAGS else ".".join(loc) or "value"
+    name = f"--{field.replace('_', '-')}" if field in _flags() else ".".join(loc) or "value"
     msg = e["msg"].removeprefix("Value error, ")
     return f"{name}={e.get('input')!r}: {msg}"
 
@@ -348,8 +348,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tessera: error: {err}", file=sys.stderr)
         return 2
 
-
-_FLAGS = _flags()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,13 +38,12 @@ from tasks.data.shards import shard_urls
 from tasks.data.builtin.vocab import Vocabulary
 from tasks.eval import audio_out
 from tasks.eval.metrics import cer, classification_metrics, hit_rates, retrieval_recall, wer, zero_shot_prompts, zero_shot_weights
-from tasks.eval.report import confusion_plot, finish, image_grid, table, write_csv
+from tasks.eval.report import N_SHOW, confusion_plot, finish, image_grid, table, write_csv
 from tasks.infra.common import atomic_dir
 from tasks.train.batches import TOKENIZER, BatchContext, DataInfo, mels
 from tasks.train.table import build_from_checkpoint, spec
 
 BATCH_SIZE = 64
-N_SHOW = 8  # generated samples per grid / WAVs per model
 N_EXAMPLES = 10  # rows of the ASR examples table
 SEED = 0
 T2I_TOP_K = 32  # codes kept when sampling t2i images

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 
 from tasks.infra.common import write_json
 
-N_SHOW = 8  # images per grid row by default
+N_SHOW = 8  # generated samples per grid (and per row of a grid) / WAVs per model
 
 
 def table(header: Sequence[str], rows: list[Sequence]) -> str:

@@ -184,7 +184,6 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 PRESETS = ("default", "tiny")
-NAMES: tuple[str, ...] = tuple(MODELS)  # every list of model names derives from the table
 
 
 def with_role(role: str, models=None) -> str | None:
