@@ -1,5 +1,8 @@
 """python -m benchmarks [--quick] [--only NAME ...] [--out DIR]: run the benchmarks, print a table, and write
 DIR/results.md, DIR/results.json and the plots (DIR/scaling.png, DIR/margins.png) (DIR defaults to benchmarks/).
+python -m benchmarks --real-data REC [--held-out NAME ...]: only the real-data comparison (benchmarks/real_data.py) on
+the folder REC of {label}_{speaker}_{take}.wav files, each speaker (or those named) held out in turn; it writes
+DIR/real_data.md and DIR/real_data.json.
 
 Each benchmark module has `run(quick) -> list[Row]` (scaling also takes `out`, the folder for its plot); rows
 compare a candidate to a baseline measured side by side in the same process (alternating repetitions, medians).
@@ -157,7 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     ap.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME", help=f"some of {BENCHMARKS}")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent, help="folder for results.md and results.json")
+    ap.add_argument("--real-data", type=Path, metavar="REC", help="a folder of {label}_{speaker}_{take}.wav files: "
+                    "run only the real-data comparison (AST, speech recogniser, logistic regression per held-out "
+                    "speaker; benchmarks/real_data.py)")
+    ap.add_argument("--held-out", nargs="+", metavar="NAME", help="with --real-data: hold out only these speakers")
     args = ap.parse_args(argv)
+    if args.held_out and not args.real_data:
+        ap.error("--held-out needs --real-data REC")
+    if args.real_data:
+        from benchmarks import real_data
+
+        real_data.run(args.real_data, args.out, args.held_out)
+        return 0
     names = args.only or list(BENCHMARKS)
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -42,6 +42,7 @@ def _load_config(path: str | None) -> dict:
 # flag where a command trains more than one model.
 CONFIG_ONLY = {"train_overrides", "model_overrides", "models"}
 ALIASES = {"allow_roots": ("--allow-root",)}
+RUN_NAMES = ("dataset_name", "experiment")  # PipelineParams' own fields (the others are sections)
 
 
 def _flag_kwargs(field) -> dict:
@@ -63,10 +64,11 @@ def _flag_kwargs(field) -> dict:
     return {"type": inner if inner in (int, float) else str, "help": help_}
 
 
-def _add_fields(sp: argparse.ArgumentParser, title: str, model: type[BaseModel]) -> None:
-    g = sp.add_argument_group(title, model.__doc__ if model.__doc__ and "\n" not in model.__doc__ else None)
+def _add_fields(sp: argparse.ArgumentParser, title: str, model: type[BaseModel], only: tuple = ()) -> None:
+    g = sp.add_argument_group(title, model.__doc__ if model.__doc__ and "\n" not in model.__doc__ and not only
+                              else None)
     for name, field in model.model_fields.items():
-        if name not in CONFIG_ONLY:
+        if name not in CONFIG_ONLY and (not only or name in only):
             flags = [f"--{name.replace('_', '-')}", *ALIASES.get(name, ())]
             g.add_argument(*flags, dest=name, **_flag_kwargs(field))
 
@@ -81,7 +83,7 @@ def _add_train_args(sp: argparse.ArgumentParser) -> None:
     for title, model in SECTIONS.items():
         if title != "data":
             _add_fields(sp, title, model)
-    sp.add_argument("--experiment", help="MLflow experiment (default: tessera)")
+    _add_fields(sp, "names", PipelineParams, only=RUN_NAMES)
 
 
 def _overlay(values: dict, args: argparse.Namespace, fields) -> dict:
@@ -103,8 +105,7 @@ def pipeline_params(args: argparse.Namespace, models: list[str] | None = None) -
         values[title] = _overlay(values.get(title, {}), args, [f for f in model.model_fields if f not in CONFIG_ONLY])
     if models is not None:
         values["train"]["models"] = models
-    if args.experiment:
-        values["experiment"] = args.experiment
+    _overlay(values, args, RUN_NAMES)
     return PipelineParams(**values)
 
 
@@ -268,6 +269,23 @@ def cmd_ui(args) -> int:
     return 0
 
 
+def parameter_reference() -> str:
+    """Every parameter as a markdown table (flag, config key, default, description), from the parameter models: the
+    README's "Every parameter" section is this text (tests/test_cli_errors.py keeps them equal)."""
+    rows = ["| flag | config key | default | what |", "|---|---|---|---|"]
+    groups = [(title, m, m.model_fields) for title, m in SECTIONS.items()]
+    groups.append(("", PipelineParams, {k: PipelineParams.model_fields[k] for k in RUN_NAMES}))
+    for title, _, fields in groups:
+        for name, field in fields.items():
+            flag = f"`--{name.replace('_', '-')}`" if name not in CONFIG_ONLY or name == "models" else "(config file)"
+            default = field.get_default(call_default_factory=True)
+            shown = "" if default in (None, [], {}) else f"`{default}`"
+            key = f"{title}.{name}" if title else name
+            what = " ".join((field.description or "").split()).replace("|", "\\|")
+            rows.append(f"| {flag} | `{key}` | {shown} | {what} |")
+    return "\n".join(rows)
+
+
 def _flags() -> set[str]:
     """Every field name that has a flag (the parsers' dests)."""
     return {a.dest for sp in _subparsers(build_parser()) for a in sp._actions}
@@ -349,5 +367,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def write_readme_parameters(readme: Path = Path(__file__).resolve().parents[1] / "README.md") -> None:
+    """Replace the README's parameter table (between `<!-- parameters -->` markers) with `parameter_reference()`."""
+    head, rest = readme.read_text().split("<!-- parameters -->", 1)
+    tail = rest.split("<!-- /parameters -->", 1)[1]
+    readme.write_text(f"{head}<!-- parameters -->\n{parameter_reference()}\n<!-- /parameters -->{tail}")
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--write-readme-parameters"]:
+        write_readme_parameters()
+        sys.exit(0)
     sys.exit(main())

@@ -6,36 +6,27 @@ The built-in dataset and ingest write under the local output root; shards and mo
 
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 
-import pyarrow.parquet as pq
-from prefect import flow
+from prefect import flow, runtime
 from prefect.artifacts import create_markdown_artifact
 
+from flows.deploy import start_flow_run
 from flows.params import DataParams
 from tasks import stages
 from tasks.infra import storage
 from tasks.data.features import MelConfig
 from tasks.data.ingest import IngestConfig, IngestError, Sources, check_sources
-from tasks.data.ingest.sources import KINDS
+from tasks.data.ingest.sources import KINDS, check_table, group_values
 from tasks.data.preprocess import PrepConfig
-from tasks.data.shards import ShardConfig
+from tasks.data.shards import ShardConfig, ordered_splits
 from tasks.data.builtin.synthetic import SyntheticConfig
 
 
 def _sources(p: DataParams) -> Sources:
     return Sources(images=p.images, audio=p.audio, captions=p.captions, transcripts=p.transcripts,
                    shards=tuple(p.shards), allow_roots=tuple(str(r) for r in p.allow_roots))
-
-
-def _columns(table: Path) -> list[str]:
-    """A CSV's header row or a Parquet file's column names, read without reading the rows."""
-    if table.suffix.lower() == ".parquet":
-        return pq.read_schema(table).names
-    with open(table, newline="", encoding="utf-8", errors="replace") as f:
-        return next(csv.reader(f), [])
 
 
 def _has_files(folder: Path, exts: tuple[str, ...]) -> bool:
@@ -62,12 +53,29 @@ def check_data(p: DataParams) -> None:
             raise IngestError(f"{kind.folder} folder {folder} holds no {'/'.join(kind.exts)} files; put them in "
                               f"{folder}/<class>/, or pass the folder that has them")
         if table is not None:
-            cols = _columns(table)
-            for field in (kind.path_col, kind.text_col):
-                name = getattr(ingest_cfg, field)
-                if name not in cols:
-                    raise IngestError(f"{kind.table} table {table} has no {name!r} column (columns: "
-                                      f"{', '.join(cols) or 'none'}); name it with --{field.replace('_', '-')} NAME")
+            check_table(table, kind, ingest_cfg)
+    if p.split_by and (found := group_values(sources, ingest_cfg, p.split_by)) is not None:
+        check_groups(p, found)
+
+
+def check_groups(p: DataParams, found: set[str]) -> None:
+    """--split-by/--test-groups/--val-groups against the groups the data has (`group_values`): one line each."""
+    by = p.split_by
+    if not found:
+        raise IngestError(f"--split-by {by}: no item has a {by!r} value; name a table column or a --name-pattern "
+                          "field (or 'label')")
+    shown = ", ".join(sorted(found)[:12]) + (", ..." if len(found) > 12 else "")
+    for flag, named in (("--test-groups", p.test_groups), ("--val-groups", p.val_groups)):
+        if unknown := [g for g in named if g not in found]:
+            raise IngestError(f"{flag} {','.join(unknown)}: no item has {by}={unknown[0]} (found: {shown}); name "
+                              "groups that exist")
+    if p.test_groups or p.val_groups:
+        wanted = 1 if not set(found) - set(p.test_groups) - set(p.val_groups) else 0
+    else:
+        wanted = 1 + (p.test_fraction > 0) + (p.val_fraction > 0) - len(found)
+    if wanted > 0:
+        raise IngestError(f"--split-by {by}: {len(found)} group(s) ({shown}) are too few for a train split beside "
+                          "the held-out ones; name fewer --test-groups/--val-groups, or change the fractions")
 
 
 def _configs(p: DataParams):
@@ -85,15 +93,25 @@ def _configs(p: DataParams):
     )
     shard = ShardConfig(maxcount=p.shard_maxcount, val_fraction=p.val_fraction, test_fraction=p.test_fraction,
                         split_by=p.split_by, test_groups=tuple(p.test_groups), val_groups=tuple(p.val_groups))
-    mel = MelConfig(sample_rate=p.sample_rate, n_mels=p.n_mels, n_frames=p.n_frames)
-    prep = PrepConfig(image_size=p.image_size, mel=mel, maxcount=p.shard_maxcount)
+    mel = MelConfig(sample_rate=p.sample_rate, n_mels=p.n_mels, n_frames=p.n_frames)  # None: from the data
+    prep = PrepConfig(image_size=p.image_size, mel=mel, maxcount=p.shard_maxcount, clip_seconds=p.clip_seconds)
     return ingest, shard, prep
 
 
+def window_line(prepared: dict) -> str | None:
+    """The clip window preprocess chose and why, in one line; None without audio."""
+    w = prepared.get("window")
+    if not w:
+        return None
+    return (f"clip window: {w['seconds']:.2f} s ({w['n_frames']} frames of 10 ms), {w['why']}; longer clips kept "
+            f"up to {w['max_frames']} frames")
+
+
 def _summary(ingested: dict, sharded: dict, prepared: dict) -> str:
-    lines = ["| modality | train | val | test |", "|---|---|---|---|"]
+    splits = ordered_splits({"train", "val", "test"}.union(*sharded["counts"].values()))  # test_* sets too
+    lines = ["| modality | " + " | ".join(splits) + " |", "|---" * (len(splits) + 1) + "|"]
     for modality, counts in sorted(sharded["counts"].items()):
-        lines.append(f"| {modality} | {counts.get('train', 0)} | {counts.get('val', 0)} | {counts.get('test', 0)} |")
+        lines.append(f"| {modality} | " + " | ".join(str(counts.get(s, 0)) for s in splits) + " |")
     reasons = ", ".join(f"{k} {n}" for k, n in sorted(ingested.get("reasons", {}).items()))
     skipped = ", ".join(f"{k} {n}" for k, n in sorted(ingested.get("skipped", {}).items()))
     lines += [
@@ -101,6 +119,7 @@ def _summary(ingested: dict, sharded: dict, prepared: dict) -> str:
         f"quarantined: **{ingested['n_quarantined']}**{f' ({reasons})' if reasons else ''} (see "
         f"`{ingested['quarantine']}`)",
         f"skipped on purpose: {skipped or 'nothing'}",
+        *filter(None, [window_line(prepared)]),
         "changed on the way in: " + (", ".join(f"{k} {n}" for k, n in sorted({**ingested.get("changes", {}),
                                                                              **prepared.get("changes", {})}.items()))
                                      or "nothing"),
@@ -112,6 +131,7 @@ def _summary(ingested: dict, sharded: dict, prepared: dict) -> str:
 
 @flow(name="data", log_prints=True)
 def data_flow(params: DataParams = DataParams()) -> dict:
+    start_flow_run(runtime.flow_run.id)  # tag this run with its process; end the runs of dead ones (Crashed)
     root = Path(params.root).resolve()
     ingest_cfg, shard_cfg, prep_cfg = _configs(params)
     if params.builtin:
@@ -128,5 +148,7 @@ def data_flow(params: DataParams = DataParams()) -> dict:
     sharded = stages.shard(Path(ingested["items"]), shard_cfg, store)
     prepared = stages.preprocess(storage.location(sharded["path"]), prep_cfg, store)
     create_markdown_artifact(_summary(ingested, sharded, prepared), key="data-summary", description="tessera data")
+    if window_line(prepared):
+        print(window_line(prepared))
     print(f"data ready: {prepared['path']} ({ingested['n_quarantined']} quarantined)")
     return {"ingest": ingested, "shards": sharded, "prep": prepared}

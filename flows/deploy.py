@@ -199,6 +199,58 @@ def repair_train_slots(client, confirm_s: float = 1.0) -> int:
     return state.active - len(state.holders)
 
 
+OWNER_PREFIX = "tessera.owner="  # a flow-run tag: the process that runs it (tasks/infra/procs.py `owner`)
+
+
+def claim_flow_run(client, flow_run_id) -> None:
+    """Tag flow run `flow_run_id` with the process that runs it, so a later start can tell that it died."""
+    run = client.read_flow_run(flow_run_id)
+    mine = OWNER_PREFIX + procs.owner()
+    if mine not in run.tags:
+        client.update_flow_run(flow_run_id, tags=[t for t in run.tags if not t.startswith(OWNER_PREFIX)] + [mine])
+
+
+def crash_orphaned_runs(client) -> list[str]:
+    """Flow runs still Running whose owner process on this host is gone (SIGKILL, power loss): Crashed, with their
+    Running task runs, so the UI shows what happened and the GPU slots their trainings held count as free
+    (`repair_train_slots`). Returns the names of the flow runs it ended. Runs owned on other hosts are left alone."""
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, FlowRunFilterState,
+                                                FlowRunFilterStateType, TaskRunFilter, TaskRunFilterState,
+                                                TaskRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    running = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+    ended = []
+    for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(state=running)):
+        owner = next((t.removeprefix(OWNER_PREFIX) for t in run.tags if t.startswith(OWNER_PREFIX)), None)
+        if owner is None or procs.alive(owner) is not False:
+            continue
+        why = f"its process ({owner}) is gone; ended by the next start (tessera)"
+        for task_run in client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
+                task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
+                    any_=[StateType.RUNNING, StateType.PENDING])))):
+            client.set_task_run_state(task_run.id, Crashed(message=why), force=True)
+        client.set_flow_run_state(run.id, Crashed(message=why), force=True)
+        ended.append(run.name)
+    return ended
+
+
+def start_flow_run(flow_run_id) -> None:
+    """At the start of a flow's body: tag the run with its owner and end the runs of dead owners (one line each in
+    the log). Never fails the flow: without an API there is nothing to tidy."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            claim_flow_run(client, flow_run_id)
+            for name in crash_orphaned_runs(client):
+                _logger().warning(f"flow run {name!r} was left Running by a process that is gone: marked Crashed")
+    except Exception as exc:  # noqa: BLE001 - bookkeeping must never break the flow
+        logging.getLogger("tessera").debug("flow-run bookkeeping: %s", exc)
+
+
 def describe_holder(client, holder) -> str:
     """One holder for the log: task run 'train-x' of flow run 'calm-otter' (Running), Running since 12:01:02 UTC."""
     if not hasattr(holder, "flow_run_id"):
@@ -312,6 +364,7 @@ def deploy(prefect_file: Path = PREFECT_FILE, names: list[str] | None = None, po
         check_api(client, url)
         created = {p: ensure_pool(client, p, pool_type) for p in pools}
         slots = ensure_gpu_limit(client, gpu_slots)
+        ensure_zombie_automation(client)
     cmd = [sys.executable, "-m", "prefect", "deploy", "--no-prompt", "--prefect-file", str(prefect_file)]
     cmd += [a for d in specs for a in ("--name", d["name"])] if names else ["--all"]
     cmd += ["--pool", pool] if pool else []
@@ -323,6 +376,36 @@ def deploy(prefect_file: Path = PREFECT_FILE, names: list[str] | None = None, po
                          "or the Prefect server it names")
     with get_client(sync_client=True) as client:
         return DeployResult(url, [registered_name(client, d) for d in specs], created, slots)
+
+
+ZOMBIE_AUTOMATION = "tessera: crash flow runs whose heartbeat stopped"
+HEARTBEAT_S = 60  # PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the flow runs a `tessera worker` starts
+ZOMBIE_S = 5 * HEARTBEAT_S  # no heartbeat for this long: the flow run's machine or process is gone
+
+
+def ensure_zombie_automation(client) -> bool:
+    """Prefect's own answer to a flow run whose machine died (any host): the worker's flow runs send a heartbeat
+    event every HEARTBEAT_S, and this automation marks a Running flow run Crashed when ZOMBIE_S pass without one or
+    an end (docs: "detect zombie flows"). Created once per server; True when created now."""
+    from datetime import timedelta
+
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    if client.read_automations_by_name(ZOMBIE_AUTOMATION):
+        return False
+    ends = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")}
+    trigger = EventTrigger(after={"prefect.flow-run.heartbeat"}, expect={"prefect.flow-run.heartbeat", *ends},
+                           match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+                           for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+                           within=timedelta(seconds=ZOMBIE_S))
+    action = ChangeFlowRunState(state=StateType.CRASHED, force=True,
+                                message=f"no heartbeat for {ZOMBIE_S} s: its machine or process is gone")
+    client.create_automation(AutomationCore(name=ZOMBIE_AUTOMATION, trigger=trigger, actions=[action],
+                                            description="tessera deploy: flow runs of a dead worker end Crashed"))
+    return True
 
 
 def registered_name(client, spec: dict) -> str:
@@ -346,4 +429,5 @@ def worker_command(pool: str = "tessera", name: str | None = None, limit: int | 
     argv += ["--limit", str(limit)] if limit else []
     env = {**os.environ, "PREFECT_API_URL": api_url()}
     env.setdefault("TESSERA_PROJECT_DIR", str(PROJECT_DIR))
+    env.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", str(HEARTBEAT_S))  # for ensure_zombie_automation
     return argv, env

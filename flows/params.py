@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from tasks.data.preprocess import PrepConfig
 from tasks.infra import storage
 from tasks.train import table
+
+
+MEL_PATCH = PrepConfig.mel_patch  # the clip window is a whole number of spectrogram patches
 
 
 class Params(BaseModel):
@@ -52,8 +57,13 @@ class DataParams(Params):
     # audio features
     sample_rate: int = Field(16000, ge=4000, description="audio is resampled to this rate (Hz)")
     n_mels: int = Field(128, ge=8, description="mel bands of the log-mel spectrogram")
-    n_frames: int = Field(128, ge=8, description="spectrogram frames of 10 ms: the window every clip is padded or "
-                          "cut to (128: 1.28 s)")
+    n_frames: int | None = Field(None, ge=16, description="the clip window in spectrogram frames of 10 ms, a "
+                                 "multiple of 16 (128: 1.28 s); shorter clips are zero-padded to it, the audio "
+                                 "classifier trains on random crops of longer ones and averages over their windows, "
+                                 "speech models read the first window; default: from the data, the frames that hold "
+                                 "the 95th percentile of the train clips' durations (rounded up to 16, at most 1024)")
+    clip_seconds: float | None = Field(None, gt=0, description="the clip window in seconds instead of --n-frames "
+                                       "(rounded up to whole 16-frame patches)")
     # shards
     shard_maxcount: int = Field(1000, ge=1, description="samples per webdataset shard")
     val_fraction: float = Field(0.1, ge=0, lt=0.5, description="share of items in the val split (by a hash of "
@@ -90,6 +100,24 @@ class DataParams(Params):
     @classmethod
     def _comma_lists(cls, v: list[str]) -> list[str]:
         return [g.strip() for item in v for g in item.split(",") if g.strip()]
+
+    @field_validator("n_frames")
+    @classmethod
+    def _whole_patches(cls, v: int | None) -> int | None:
+        if v is not None and v % MEL_PATCH:
+            lo = v - v % MEL_PATCH
+            raise ValueError(f"the clip window must be a multiple of the {MEL_PATCH}-frame mel patch; pass "
+                             f"{lo or MEL_PATCH} or {lo + MEL_PATCH}")
+        return v
+
+    @field_validator("clip_seconds")
+    @classmethod
+    def _one_window(cls, v: float | None, info: ValidationInfo) -> float | None:
+        n_frames = info.data.get("n_frames")
+        if v is not None and n_frames is not None:
+            raise ValueError(f"--n-frames {n_frames} and --clip-seconds {v:g} both set the clip window; "
+                             "pass one of them")
+        return v
 
     @model_validator(mode="after")
     def _groups_need_split_by(self) -> "DataParams":
@@ -130,9 +158,14 @@ class TrainParams(Params):
                                      "transcripts: speech recognition and synthesis)")
     preset: Literal["default", "tiny"] = Field("default", description="model sizes: default (CPU minutes) or tiny "
                                                "(tests)")
-    steps: int | None = Field(None, ge=1, description="optimiser steps for every model (default: each model's own)")
+    steps: int | None = Field(None, ge=1, description="optimiser steps for every model; wins over --epochs "
+                              "(default: each model's epochs budget)")
     batch_size: int | None = Field(None, ge=1, description="samples per step for every model (default: each "
                                    "model's own)")
+    epochs: float | None = Field(None, gt=0, description="passes over the train split for every model, within its "
+                                 "step cap (default: each model's own, tasks/train/table.py)")
+    patience: int | None = Field(None, ge=0, description="stop a model after this many evaluations without a "
+                                 "better val metric; 0: never (default: each model's own, 5)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (a GPU if there is one), cpu or cuda")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto (bf16 where the device computes "
                                                        "it faster), bf16 or fp32")
@@ -164,6 +197,20 @@ class IndexParams(Params):
         "split stays unseen)")
 
 
+DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def default_dataset_name(data: DataParams) -> str:
+    """`builtin`, or the name of the first input folder (a table's folder, a shard glob's folder), made a valid
+    registry name: `--audio ~/data/fsdd4/recordings` -> `recordings`, `--transcripts fsdd4/t.csv` -> `fsdd4`."""
+    if data.builtin:
+        return "builtin"
+    folder = data.images or data.audio
+    source = Path(folder) if folder else Path(data.captions or data.transcripts or data.shards[0]).parent
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", source.resolve().name).strip("-._")[:64]
+    return name or "data"
+
+
 class PipelineParams(Params):
     """Everything `tessera run` does; the Prefect UI shows it as a form, `--config FILE` fills it."""
 
@@ -172,7 +219,22 @@ class PipelineParams(Params):
     train: TrainParams = Field(default_factory=TrainParams)
     eval: EvalParams = Field(default_factory=EvalParams)
     index: IndexParams = Field(default_factory=IndexParams)
-    experiment: str = Field("tessera", description="MLflow experiment")
+    dataset_name: str | None = Field(None, description="a short name for the data, tagged on every MLflow run and "
+                                     "naming the experiment and registered models (default: builtin, or the input "
+                                     "folder's name)")
+    experiment: str | None = Field(None, description="MLflow experiment (default: tessera-<dataset name>)")
+
+    @model_validator(mode="after")
+    def _names(self) -> PipelineParams:
+        """The dataset's name (checked, or from the data) and the experiment it implies."""
+        if self.dataset_name is None:
+            self.dataset_name = default_dataset_name(self.data)
+        elif not DATASET_NAME.fullmatch(self.dataset_name):
+            raise ValueError(f"--dataset-name {self.dataset_name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit")
+        if self.experiment is None:
+            self.experiment = f"tessera-{self.dataset_name}"
+        return self
 
     @model_validator(mode="after")
     def _local_store(self) -> PipelineParams:

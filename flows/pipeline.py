@@ -1,4 +1,5 @@
-"""The `pipeline` flow: data -> codebooks -> train each model -> evaluate -> round trips -> CLIP index -> summary.
+"""The `pipeline` flow: data -> codebooks -> train each model -> evaluate -> round trips -> CLIP index -> register
+-> summary.
 
 One MLflow parent run per flow run (tagged with the Prefect flow-run id); every stage and model reports in a
 nested run under it. Independent models could run concurrently (`.submit`); on a 2-core CPU one at a time is
@@ -15,11 +16,13 @@ from prefect import flow, runtime
 from prefect.artifacts import create_markdown_artifact
 
 from flows.data import data_flow
-from flows.deploy import train_slot_watch
+from flows.deploy import start_flow_run, train_slot_watch
 from flows.params import PipelineParams
 from tasks import stages
 from tasks.infra import tracking
 from tasks.data.codebook import CodebookConfig
+from tasks.data.shards import test_sets
+from tasks.eval.registry import Registration
 from tasks.index import IndexConfig
 from tasks.train.batches import CODEBOOKS
 from tasks.train.table import plan, spec, with_role
@@ -28,8 +31,9 @@ from tasks.train.trainer import default_train_config
 
 def train_config(model: str, p: PipelineParams):
     t = p.train
-    fields = {k: v for k, v in dict(max_steps=t.steps, batch_size=t.batch_size, device=t.device,
-                                    precision=t.precision, compile=t.compile).items() if v is not None}
+    fields = {k: v for k, v in dict(max_steps=t.steps, epochs=None if t.steps else t.epochs, patience=t.patience,
+                                    batch_size=t.batch_size, device=t.device, precision=t.precision,
+                                    compile=t.compile).items() if v is not None}  # --steps wins over --epochs
     return default_train_config(model, **{**fields, **t.train_overrides.get(model, {})})
 
 
@@ -56,7 +60,7 @@ def data_summary(data: dict) -> dict:
     return {"items": ingest["n_items"], "quarantined": ingest["n_quarantined"], "reasons": ingest.get("reasons", {}),
             "skipped": ingest.get("skipped", {}), "changes": {**ingest.get("changes", {}),
                                                                **data["prep"].get("changes", {})},
-            "splits": data["shards"]["counts"]}
+            "splits": data["shards"]["counts"], "clip_window": data["prep"].get("window")}
 
 
 def codebook_config(params: PipelineParams, models: list[str]) -> CodebookConfig:
@@ -69,7 +73,15 @@ def _fmt(v) -> str:
     return str(int(v)) if float(v).is_integer() and abs(v) >= 10 else f"{v:.3g}"
 
 
-def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None) -> str:
+def _register(params: PipelineParams, data: dict, trained: dict, evals: dict, prep: Path, cb: dict) -> dict:
+    """Each model's validation-best checkpoint as a version of `tessera-<dataset>-<model>` (tasks/eval/registry.py)."""
+    reg = Registration(params.dataset_name, data["shards"]["digest"], params.train.preset)
+    return {m: stages.register_model.with_options(task_run_name=f"register-{m}")(
+        m, rec, evals[m]["metrics"], prep, {k: Path(cb[k]) for k in [spec(m).codebook] if k}, reg)
+        for m, rec in trained.items()}
+
+
+def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None, registered: dict) -> str:
     """One row per model: its headline test metric first (table `headline`), then validation, then the rest."""
     lines = ["| model | steps | headline (test) | val | other test metrics |", "|---|---|---|---|---|"]
     for m, rec in trained.items():
@@ -77,10 +89,16 @@ def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None)
         head = next((k for k in spec(m).headline if k in test), None)
         val = ", ".join(f"{k.removeprefix('val/')} {_fmt(v)}" for k, v in sorted(rec.get("metrics", {}).items()))
         rest = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(test.items()) if k != head)
-        headline = f"{head} {_fmt(test[head])}" if head else ""
+        headline = "; ".join([f"{head} {_fmt(test[head])}" if head else ""] + [
+            f"{s}: {head} {_fmt(other[head])}" for s, other in evals.get(m, {}).get("others", {}).items()
+            if head in other])
         lines.append(f"| {m} | {rec['steps']} | {headline} | {val or 'no val split'} | {rest} |")
     if trips and trips["metrics"]:
         lines += ["", "round trips: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(trips["metrics"].items()))]
+    if registered:
+        lines += ["", "registered: " + ", ".join(
+            f"{r['registered_name']} v{r['version']}" + (f" (champion v{r['champion']})" if r["champion"] else "")
+            for r in registered.values())]
     if index:
         lines += ["", f"CLIP index: `{index['path']}` — search it with `tessera search TEXT` or `--image FILE`"]
     return "\n".join(lines)
@@ -88,7 +106,9 @@ def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None)
 
 def _train_and_evaluate(params: PipelineParams, models: list[str], prep: Path, cb: dict, root: Path,
                         run: dict) -> tuple[dict, dict]:
-    """Train each model (a model that starts from another after it: table `init`), then evaluate it."""
+    """Train each model (a model that starts from another after it: table `init`), then evaluate it on each test set
+    of its modality: evals[model] is the first set's record (`test`), with the others' under "others"."""
+    counts = json.loads((prep / "stats.json").read_text())["counts"]
     trained, evals = {}, {}
     for m in models:
         needs = {k: Path(cb[k]) for k in [spec(m).codebook] if k}
@@ -97,9 +117,11 @@ def _train_and_evaluate(params: PipelineParams, models: list[str], prep: Path, c
         trained[m] = stages.train_model.with_options(task_run_name=f"train-{m}")(
             m, prep, needs, train_config(m, params), root, params.train.preset,
             params.train.model_overrides.get(m), init_from=init, **run)
-        evals[m] = stages.evaluate_model.with_options(task_run_name=f"eval-{m}")(
+        sets = [stages.evaluate_model.with_options(task_run_name=f"eval-{m}" + (f"-{s}" if s != "test" else ""))(
             m, Path(trained[m]["checkpoint"]), prep, needs, root, params.eval.max_samples,
-            run_id=trained[m]["run_id"], experiment=params.experiment, builtin=params.data.builtin)
+            run_id=trained[m]["run_id"], experiment=params.experiment, builtin=params.data.builtin, split=s)
+            for s in test_sets(counts.get(spec(m).modality, {})) or ["test"]]
+        evals[m] = {**sets[0], "others": {r["split"]: r["metrics"] for r in sets[1:]}}
     return trained, evals
 
 
@@ -121,12 +143,14 @@ def _across(params: PipelineParams, trained: dict, prep: Path, cb: dict, root: P
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(params: PipelineParams = PipelineParams()) -> dict:
+    start_flow_run(runtime.flow_run.id)  # tag this run with its process; end the runs of dead ones (Crashed)
     data = data_flow(params.data)
     root = Path(params.data.root).resolve()
     prep = Path(data["prep"]["path"])
     models = plan_models(params, json.loads((prep / "stats.json").read_text()))
-    with (tracking.start_run(params.experiment, f"pipeline-{runtime.flow_run.name or 'local'}",
-                             tags={"prefect.flow_run_id": str(runtime.flow_run.id)}) as parent,
+    tags = {"prefect.flow_run_id": str(runtime.flow_run.id), tracking.DATASET_TAG: params.dataset_name,
+            tracking.DIGEST_TAG: data["shards"]["digest"]}  # every nested run inherits the dataset's two tags
+    with (tracking.start_run(params.experiment, f"pipeline-{runtime.flow_run.name or 'local'}", tags=tags) as parent,
           train_slot_watch(runtime.flow_run.id)):  # a training that waits for a GPU slot says for what
         parent.log_params(params.model_dump(mode="json"))
         parent.log_dataset("tessera-shards", data["shards"]["digest"], data["shards"]["path"])
@@ -135,8 +159,10 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
         cb = stages.fit_codebooks(prep, codebook_config(params, models), root, **run)
         trained, evals = _train_and_evaluate(params, models, prep, cb, root, run)
         trips, index = _across(params, trained, prep, cb, root, run)
-        summary = _summary(trained, evals, trips, index)
+        registered = _register(params, data, trained, evals, prep, cb)  # only once every stage has succeeded
+        summary = _summary(trained, evals, trips, index, registered)
         parent.client.log_text(parent.run_id, summary, "summary.md")
     create_markdown_artifact(summary, key="pipeline-summary", description="tessera pipeline")
     print(summary)
-    return {"data": data, "codebooks": cb, "train": trained, "eval": evals, "roundtrips": trips, "index": index}
+    return {"data": data, "codebooks": cb, "train": trained, "eval": evals, "roundtrips": trips, "index": index,
+            "registered": registered}

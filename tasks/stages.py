@@ -1,7 +1,7 @@
 """The pipeline's Prefect tasks, one per stage, in the order the DAG runs them:
 
     builtin-dataset -> ingest -> shard -> preprocess -> codebooks -> train (per model) -> evaluate (per model)
-        -> roundtrips -> clip-index
+        -> roundtrips -> clip-index -> register (per model)
 
 This is the only module that knows Prefect tasks; the work is done by the packages below it (tasks/data, tasks/train,
 tasks/eval, tasks/index), which take paths and configs and return small records.
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 from prefect.serializers import JSONSerializer
 
@@ -44,8 +45,9 @@ from tasks.data.ingest import IngestConfig, Sources
 from tasks.data.preprocess import PrepConfig
 from tasks.data.shards import ShardConfig
 from tasks.data.builtin.synthetic import SyntheticConfig
-from tasks.eval import audio_out
+from tasks.eval import audio_out, generate
 from tasks.eval import evaluate as eval_lib
+from tasks.eval import registry
 from tasks.eval import roundtrip as roundtrip_lib
 from tasks.infra import storage, tracking
 from tasks.infra.cache import content, path_digest
@@ -98,9 +100,9 @@ SHARD = Stage("shard", "shards", (shard_lib,))
 PREPROCESS = Stage("preprocess", "prep", (prep_lib, features))
 CODEBOOKS = Stage("codebooks", "codebooks", (codebook_lib, models.vq))
 TRAIN = Stage("train", "train", (train_lib, table, batches, augment, loader, tracking, models))
-EVALUATE = Stage("evaluate", "eval", (eval_lib, audio_out, loader, table, batches, vocab, models))
-ROUNDTRIPS = Stage("roundtrips", "roundtrips", (roundtrip_lib, eval_lib, audio_out, loader, table, batches, vocab,
-                                                models))
+EVALUATE = Stage("evaluate", "eval", (eval_lib, generate, audio_out, loader, table, batches, vocab, models))
+ROUNDTRIPS = Stage("roundtrips", "roundtrips", (roundtrip_lib, eval_lib, generate, audio_out, loader, table, batches,
+                                                vocab, synthetic, models))
 CLIP_INDEX = Stage("clip-index", "index", (index_lib, table, models))
 STAGES = (BUILTIN, INGEST, SHARD, PREPROCESS, CODEBOOKS, TRAIN, EVALUATE, ROUNDTRIPS, CLIP_INDEX)
 
@@ -245,7 +247,7 @@ def _train_out(model: str, prep: Path, codebooks: dict[str, Path], cfg: train_li
 def train_model(model: str, prep: Path, codebooks: dict[str, Path], cfg: train_lib.TrainConfig, root: Path,
                 preset: str = "default", overrides: dict | None = None, parent_run_id: str | None = None,
                 experiment: str = "tessera", init_from: Path | None = None) -> dict:
-    """Train one model (resuming from its checkpoint after a crash); register it in the MLflow Model Registry.
+    """Train one model (resuming from its checkpoint after a crash); `register_model` registers it once evaluated.
 
     init_from: a trained checkpoint that starts part of the model (table `init`: CLIP's image tower from the ViT)."""
     out = _output(_train_out, model=model, prep=prep, codebooks=codebooks, cfg=cfg, root=root, preset=preset,
@@ -253,14 +255,14 @@ def train_model(model: str, prep: Path, codebooks: dict[str, Path], cfg: train_l
     with contextlib.nullcontext() if DISTRIBUTED else output_lock(out):
         record = train_lib.train(model, Path(prep), out, cfg, model_overrides=overrides,
                                  codebooks={k: str(v) for k, v in codebooks.items()}, parent_run_id=parent_run_id,
-                                 experiment=experiment, preset=preset, register=True, init_from=init_from)
+                                 experiment=experiment, preset=preset, init_from=init_from)
     return plain(record)
 
 
 def _eval_out(model: str, checkpoint: Path, prep: Path, root: Path, max_samples: int | None = None,
-              builtin: bool = True, **_) -> Path:
+              builtin: bool = True, split: str = "test", **_) -> Path:
     return Path(EVALUATE.out(root, model, path_digest(Path(checkpoint)), path_digest(Path(prep)), max_samples,
-                             builtin, under=model))
+                             builtin, split, under=model))
 
 
 def _evaluated(out: Path) -> dict | None:
@@ -274,23 +276,25 @@ def _evaluated(out: Path) -> dict | None:
 @EVALUATE.task(_eval_out)
 def evaluate_model(model: str, checkpoint: Path, prep: Path, codebooks: dict[str, Path], root: Path,
                    max_samples: int | None = None, run_id: str | None = None, experiment: str = "tessera",
-                   builtin: bool = True) -> dict:
-    """Evaluate one trained model on the test split; metrics and plots go to its training run in MLflow.
+                   builtin: bool = True, split: str = "test") -> dict:
+    """Evaluate one trained model on a test set (`test` or a `test_<name>` split); metrics (`<split>/<name>`) and
+    plots (artifacts under `<split>/`) go to its training run in MLflow.
 
     builtin: the data is the built-in set, so its vocabulary's metrics (shape/colour zero-shot, held-out pairs)
     apply; on other data zero-shot runs on the data's own class names."""
     out = _output(_eval_out, model=model, checkpoint=checkpoint, prep=prep, root=root, max_samples=max_samples,
-                  builtin=builtin)
+                  builtin=builtin, split=split)
     with output_lock(out):
         result = _evaluated(out) or eval_lib.evaluate(
             model, Path(checkpoint), Path(prep), out, vocab=vocab.BUILTIN if builtin else None,
-            codebooks={k: str(v) for k, v in codebooks.items()}, max_samples=max_samples)
+            codebooks={k: str(v) for k, v in codebooks.items()}, split=split, max_samples=max_samples)
     if run_id:
         with tracking.start_run(experiment, "", run_id=run_id) as run:
-            run.metrics.add({f"test/{k}": v for k, v in result["metrics"].items()}, step=0)
+            run.metrics.add({f"{split}/{k}": v for k, v in result["metrics"].items()}, step=0)
             run.metrics.flush()
-            run.client.log_artifacts(run.run_id, str(out), artifact_path="test")
-    return plain({"path": str(out), "metrics": result["metrics"], "summary": result.get("summary", "")})
+            run.client.log_artifacts(run.run_id, str(out), artifact_path=split)
+    return plain({"path": str(out), "split": split, "metrics": result["metrics"],
+                  "summary": result.get("summary", "")})
 
 
 def _roundtrips_out(checkpoints: dict[str, Path], prep: Path, root: Path, builtin: bool = True, **_) -> Path:
@@ -300,7 +304,9 @@ def _roundtrips_out(checkpoints: dict[str, Path], prep: Path, root: Path, builti
 @ROUNDTRIPS.task(_roundtrips_out)
 def roundtrips(checkpoints: dict[str, Path], prep: Path, codebooks: dict[str, Path], root: Path,
                parent_run_id: str | None = None, experiment: str = "tessera", builtin: bool = True) -> dict:
-    """Across modalities: text-to-image samples classified by ViT/CLIP, text-to-speech transcribed by ASR.
+    """Across modalities: text-to-image samples judged by the ViT (shape) and their pixels (colour), ImageGPT's samples
+    and completions by the ViT, text-to-speech transcribed by ASR; grids, WAVs and spectrograms are logged to the
+    round-trip run's artifacts (`roundtrips/<trip>/`, linked from each summary.md).
 
     checkpoints: {model name: checkpoint}; each model plays the round-trip role its table entry names. A round trip
     that judges by the built-in vocabulary (text-to-image: are the asked shape and colour drawn?) runs only on the
@@ -325,6 +331,9 @@ def _run_roundtrips(out: Path, checkpoints: dict[str, Path], prep: Path, codeboo
                 if set(trip.roles) <= set(by_role) and (vocabulary or not trip.needs_vocab):
                     r = trip.run(by_role, prep, {k: str(v) for k, v in codebooks.items()}, tmp / name, vocabulary)
                     record["metrics"].update({f"{name}/{k}": v for k, v in r["metrics"].items()})
+                    record.setdefault("trips", []).append(name)
+            (tmp / "summary.md").write_text("".join(f"- [{n}]({n}/summary.md): grids, WAVs and spectrograms beside "
+                                                    "it\n" for n in record.get("trips", [])))
         run.metrics.add(record["metrics"], step=0)
         run.metrics.flush()
         if record["metrics"]:
@@ -351,3 +360,13 @@ def clip_index(prep: Path, checkpoint: Path, cfg: index_lib.IndexConfig, root: P
                                 0)
                 run.client.log_artifacts(run.run_id, str(out), artifact_path="index")
     return plain({"path": str(out), **{k: v for k, v in record.items() if not isinstance(v, dict)}})
+
+
+# ---------------------------------------------------------------------------------------------------- registry
+@task(name="register", cache_policy=NO_CACHE, result_serializer=RECORDS, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=transient_only)
+def register_model(model: str, record: dict, test: dict, prep: Path, codebooks: dict[str, Path],
+                   reg: registry.Registration) -> dict:
+    """Register a trained, evaluated model as `tessera-<dataset>-<model>` (tasks/eval/registry.py). Not cached: it
+    asks the registry, which finds the version of a checkpoint it already holds (a cached re-run adds none)."""
+    return plain(registry.register(model, record, test, Path(prep), {k: str(v) for k, v in codebooks.items()}, reg))

@@ -65,10 +65,57 @@ def test_mixup_blends_inputs_and_targets_alike():
     assert torch.equal(same, x) and torch.equal(onehot, torch.eye(4))
 
 
+def test_time_shift_rolls_each_clip_by_at_most_max_shift_frames():
+    torch.manual_seed(0)
+    mel = torch.zeros(32, 4, 20)
+    mel[:, :, 10] = 1.0  # one loud frame in the middle
+    out = augment.time_shift(mel, max_shift=3)
+    assert out.shape == mel.shape and torch.equal(out.sum((1, 2)), mel.sum((1, 2)))  # a roll loses nothing
+    frames = [int(m[0].nonzero()[0]) for m in out]
+    assert all(abs(f - 10) <= 3 for f in frames) and len(set(frames)) > 1
+    assert all(torch.equal(m[0], m[3]) for m in out)  # every band moves together
+    assert torch.equal(augment.time_shift(mel, 0), mel)
+
+
+def test_freq_shift_moves_the_mel_axis_and_keeps_the_edges():
+    torch.manual_seed(0)
+    ramp = torch.arange(16.0)[None, :, None].expand(64, 16, 5).contiguous()  # value = bin index
+    out = augment.freq_shift(ramp, max_shift=2.5)
+    inner = out[:, 4:12, 0] - ramp[:, 4:12, 0]  # away from the clamped edges a shift is the same offset everywhere
+    assert torch.allclose(inner, inner[:, :1].expand_as(inner), atol=1e-5)
+    assert inner.abs().max() <= 2.5 + 1e-5 and inner.std() > 0.5  # within the bound, and not one offset for all
+    assert out.min() >= 0 and out.max() <= 15  # edge bins are repeated, never extrapolated
+    assert torch.allclose(out[:, :, 0], out[:, :, 4])  # every frame moves together
+    assert torch.equal(augment.freq_shift(ramp, 0.0), ramp)
+
+
+def test_ast_augment_is_reproducible_from_the_global_seed(monkeypatch):
+    monkeypatch.setitem(augment.AST_AUG, "mixup", 0.2)
+    ctx = type("Ctx", (), {"cfg": type("Cfg", (), {"n_classes": 3})()})()
+    batch = {"mel": torch.randn(6, 12, 16), "label": torch.tensor([0, 1, 2, 0, 1, 2])}
+    torch.manual_seed(3)
+    a = augment.ast_augment(batch, ctx)
+    torch.manual_seed(3)
+    b = augment.ast_augment(batch, ctx)
+    assert torch.equal(a["mel"], b["mel"]) and torch.equal(a["label"], b["label"])
+    assert not torch.equal(a["mel"], batch["mel"]) and a["label"].shape == (6, 3)
+
+
 def test_generative_models_are_never_augmented():
-    assert {n for n, s in MODELS.items() if s.augment is not None} == {"vit", "ast"}
-    for n in ("imagegpt", "t2i", "tts", "asr"):
+    """The classifiers and the speech recogniser (its target is text) are; the models that generate their inputs'
+    kind are not."""
+    assert {n for n, s in MODELS.items() if s.augment is not None} == {"vit", "ast", "asr"}
+    for n in ("imagegpt", "t2i", "tts"):
         assert MODELS[n].augment is None
+
+
+def test_the_speech_recogniser_masks_its_source_only(monkeypatch):
+    monkeypatch.setitem(augment.ASR_AUG, "freq_mask", 4)
+    monkeypatch.setitem(augment.ASR_AUG, "time_mask", 4)
+    torch.manual_seed(0)
+    batch = {"src": torch.ones(8, 12, 20), "tgt": torch.arange(16).view(8, 2)}
+    out = MODELS["asr"].augment(batch, None)
+    assert torch.equal(out["tgt"], batch["tgt"]) and (out["src"] == 0).any() and out["src"].shape == (8, 12, 20)
 
 
 @pytest.mark.parametrize("patch", [4, 8])
@@ -139,3 +186,18 @@ def test_init_from_a_mismatched_or_wrong_checkpoint_is_a_clear_error(tmp_path):
         init_part(wide, "clip", path)
     with pytest.raises(ValueError, match="takes no init_from"):
         init_part(ViT(ViTConfig()), "vit", path)
+
+
+def test_the_ast_frames_stem_makes_one_token_per_two_frames_of_every_band():
+    from models.ast import AST, ASTConfig
+
+    torch.manual_seed(0)
+    net = AST(ASTConfig(n_mels=16, n_frames=24, n_classes=3, dim=32, depth=1, n_heads=2, stem="frames")).eval()
+    mel = torch.randn(2, 16, 24)
+    assert net.forward_features(mel).shape == (2, 1 + 12, 32)
+    bumped = mel.clone()
+    bumped[:, 15, 23] += 5.0  # the top band of the last frame reaches the output through the full-band stem
+    assert not torch.allclose(net(dict(mel=mel))[0], net(dict(mel=bumped))[0])
+    assert net.flops_per_sample() > 0
+    with pytest.raises(ValueError, match="longer"):
+        net.forward_features(torch.randn(1, 16, 30))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from PIL import Image
 
@@ -15,6 +17,7 @@ def layout(tmp_path):
     (tmp_path / "imgs" / "cat").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "cat" / "a.png")
     (tmp_path / "caps.csv").write_text("file,text\ncat/a.png,a cat\n")
+    (tmp_path / "splits.csv").write_text("file,split\ncat/a.png,test\n")
     (tmp_path / "afile").write_text("not a folder")
     return tmp_path
 
@@ -23,8 +26,12 @@ CASES = {
     "empty image folder": (["data", "--images", "{t}/empty"],
                            "images folder {t}/empty holds no png/jpg/jpeg/webp files"),
     "captions with other columns": (["data", "--images", "{t}/imgs", "--captions", "{t}/caps.csv"],
-                                    "captions table {t}/caps.csv has no 'image' column (columns: file, text); name it "
-                                    "with --caption-path-col NAME"),
+                                    "captions table {t}/caps.csv has no 'image' and 'caption' columns (columns: file, "
+                                    "text); name the right column with --caption-path-col NAME / --caption-col NAME, "
+                                    "or give it a 'label' or 'split' column"),
+    "a table of splits without paths": (["data", "--images", "{t}/imgs", "--captions", "{t}/splits.csv"],
+                                        "captions table {t}/splits.csv has no 'image' column (columns: file, split); "
+                                        "name the right column with --caption-path-col NAME"),
     "missing shard glob": (["data", "--shards", "{t}/nothing-*.tar"], "{t}/nothing-*.tar"),
     "root is a file": (["run", "--root", "{t}/afile"],
                        "--root='{t}/afile': {t}/afile is a file; the output root must be a folder (pass --root DIR)"),
@@ -122,3 +129,13 @@ def test_bad_input_found_inside_a_stage_prints_no_traceback(tmp_path, capfd):
     assert err.rstrip().splitlines()[-1] == ("tessera: error: --split-by take: 4 group(s) leave the test and val "
                                              "split(s) empty; name the groups with --test-groups/--val-groups, or "
                                              "change the fractions")
+
+
+def test_the_readme_lists_every_parameter():
+    """README "Every parameter" is the table flows/cli.py `parameter_reference` makes from the parameter models."""
+    from flows.cli import parameter_reference
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- parameters -->", 1)[1].split("<!-- /parameters -->", 1)[0].strip("\n")
+    assert block == parameter_reference(), (
+        "README's parameter table is stale; regenerate it: .venv/bin/python -m flows.cli --write-readme-parameters")

@@ -246,19 +246,39 @@ def test_every_model_of_the_table_has_its_evaluation(world, tmp_path):
 
 
 def test_roundtrip_t2i(world):
-    """Blank judges: the ViT says circle and CLIP says red circle for every image, so exactly the prompts that ask
-    for a circle (red) are recovered; the held-out prompts (blue triangle, orange star) never are."""
+    """Blank judges: the ViT says circle (top-1 probability 1/6) and CLIP says red circle for every image, so exactly
+    the prompts that ask for a circle (red) are recovered by them; the held-out prompts (blue triangle, orange star)
+    never are. Colour is judged from the pixels; each prompt gets its samples and its grid."""
     out = world["tmp"] / "rt-t2i"
     c, b = world["ckpts"], world["blank"]
     prompts = ["a red circle", "a blue triangle", "an orange star", "a green circle"]
     res = roundtrip.roundtrip_t2i(c["t2i"], b["vit"], b["clip"], world["prep"], world["codebooks"], out, BUILTIN,
-                                  prompts=prompts)
+                                  prompts=prompts, samples=3)
     check_common(res, out)
     m = res["metrics"]
-    assert m["n"] == 4
-    assert (m["vit_shape_recovered"], m["clip_shape_recovered"], m["clip_colour_recovered"]) == (0.5, 0.5, 0.25)
-    assert m["heldout_vit_shape_recovered"] == m["heldout_clip_colour_recovered"] == 0.0
+    assert m["n"] == 12 and m["samples_per_prompt"] == 3
+    assert (m["shape_recovered"], m["clip_shape_recovered"], m["clip_colour_recovered"]) == (0.5, 0.5, 0.25)
+    assert m["heldout_shape_recovered"] == m["heldout_clip_colour_recovered"] == m["heldout_pair_recovered"] == 0.0
+    assert m["seen_shape_recovered"] == 1.0 and m["vit_top1_probability"] == pytest.approx(1 / 6)
+    assert 0.0 <= m["colour_recovered"] <= 1.0 and m["pair_recovered"] <= m["colour_recovered"]
     assert "roundtrip_t2i.png" in res["artifacts"]
+    assert sorted(a for a in res["artifacts"] if a.startswith("grids/")) == [
+        "grids/a_blue_triangle.png", "grids/a_green_circle.png", "grids/a_red_circle.png", "grids/an_orange_star.png"]
+    assert "](grids/a_red_circle.png)" in (out / "summary.md").read_text()
+
+
+def test_roundtrip_imagegpt(world):
+    """A blank ViT names every image a circle with probability 1/6: no sample is confident, and a completion's shape
+    is recovered exactly when the test image is a circle."""
+    out = world["tmp"] / "rt-imagegpt"
+    res = roundtrip.roundtrip_imagegpt(world["ckpts"]["imagegpt"], world["blank"]["vit"], world["prep"],
+                                       world["codebooks"], out, BUILTIN, samples=6, completions=5)
+    check_common(res, out)
+    m, rows = res["metrics"], split_rows(world, "image")[:5]
+    assert m["confident_share"] == m["coherent_confident_share"] == m["shapes_covered"] == 0.0
+    circles = sum(r["meta"]["shape"] == "circle" for r in rows) / len(rows)
+    assert m["n_completions"] == 5 and m["completion_shape_recovered"] == m["prompt_only_shape_recovered"] == circles
+    assert {"samples.png", "completions.png"} <= set(res["artifacts"])
 
 
 def test_roundtrip_t2i_default_prompts_are_every_pair():

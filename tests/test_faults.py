@@ -210,6 +210,28 @@ def test_a_start_ends_the_runs_of_dead_owners_and_a_resumed_run_moves_under_its_
         living.wait()
 
 
+def test_runs_of_other_hosts_end_when_their_heartbeat_stops(monkeypatch):
+    """Another host's process cannot be checked from here: its runs end once their heartbeat is stale, not before."""
+    c = tracking.client()
+    exp = tracking.experiment_id(c, "heartbeats")
+    now = int(time.time())
+
+    def run(name: str, beat: int | None) -> str:
+        tags = {tracking.OWNER_TAG: "gpu-node-7/abc/12/34", **({tracking.HEARTBEAT_TAG: str(beat)} if beat else {})}
+        return c.create_run(exp, run_name=name, tags=tags).info.run_id
+
+    stale, fresh, old_style = run("stale", now - 901), run("fresh", now - 60), run("no heartbeat", None)
+    assert tracking.close_dead_owners(c, exp) == [stale]
+    assert [c.get_run(r).info.status for r in (stale, fresh, old_style)] == ["KILLED", "RUNNING", "RUNNING"]
+    assert "no heartbeat from gpu-node-7/abc/12/34 for 15 min" in c.get_run(stale).data.tags["tessera.closed_by"]
+    monkeypatch.setattr(tracking, "HEARTBEAT_S", 0.2)  # an open run's heartbeat is renewed while it is open
+    with tracking.start_run("heartbeats", "beating") as mine:
+        first = int(c.get_run(mine.run_id).data.tags[tracking.HEARTBEAT_TAG])
+        tracking._WAKE.set()  # a heartbeat thread already waiting its 60 s reads the new period
+        time.sleep(1.5)
+        assert int(c.get_run(mine.run_id).data.tags[tracking.HEARTBEAT_TAG]) > first
+
+
 def test_interrupts_and_signals_end_runs_killed_errors_failed(tmp_path):
     from prefect.exceptions import TerminationSignal
 
@@ -332,7 +354,7 @@ SERVER = "prefect.server.api.server:create_app"  # on the command line of Prefec
 def _fault_config(tmp: Path) -> Path:
     cfg = {"data": {"root": str(tmp / "out"), "size": 16, "n_mels": 32, "n_frames": 64, "shard_maxcount": 32},
            "codebooks": {"pixels_k": 16, "image_k": 32, "mel_k": 32},
-           "train": {"preset": "tiny", "steps": KILL_STEPS, "batch_size": 8, "device": "cpu",
+           "train": {"preset": "tiny", "steps": KILL_STEPS, "patience": 0, "batch_size": 8, "device": "cpu",
                      "train_overrides": {"vit": {"ckpt_every": KILL_CKPT, "eval_every": KILL_CKPT, "log_every": 10}}},
            "eval": {"max_samples": 16, "roundtrips": False},
            "experiment": "faults"}
@@ -383,6 +405,25 @@ def test_sigkill_at_random_points_of_data_and_training_leaves_nothing_running(tm
     assert "its owner was gone" in train.data.tags["tessera.closed_by"]
     steps = [m.step for m in c.get_metric_history(train.info.run_id, "train/loss")]
     assert sorted(steps) == list(range(1, KILL_STEPS + 1))
+    flows = _prefect_flow_runs(env)  # Prefect's record of the same three starts: the killed ones Crashed, not Running
+    # first start: pipeline and data subflow killed; second: the pipeline killed after its data subflow completed
+    assert sorted(flows.values()) == ["COMPLETED"] * 3 + ["CRASHED"] * 3, flows
+
+
+PREFECT_RUNS = """
+import json
+from prefect.client.orchestration import get_client
+with get_client(sync_client=True) as c:
+    print(json.dumps({r.name + ":" + str(r.id): r.state_type.value for r in c.read_flow_runs()}))
+"""
+
+
+def _prefect_flow_runs(env: dict) -> dict[str, str]:
+    """Every flow run in the Prefect database of `env`'s PREFECT_HOME -> its state type (a temporary server reads it)."""
+    done = subprocess.run([sys.executable, "-c", PREFECT_RUNS], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 LOADER_CHILD = """

@@ -276,7 +276,7 @@ def test_transcripts_with_a_label_column_and_no_folder(tmp_path):
     assert [q["reason"] for q in read_quarantine(res)] == [
         f"duplicate of an earlier row: transcript row 1 names the same file {tmp_path / 'clips' / 'one.wav'}; "
         "keep one per file",
-        "invalid split: transcript row 4 has split 'dev'; use train, val, test or empty",
+        "invalid split: transcript row 4 has split 'dev'; use train, val, test, test_<name> or empty",
     ]
     assert json.loads(items[0]["meta"])["voice"] == "en+f3" and abs(items[0]["duration_s"] - 0.3) <= 1 / 16000
 
@@ -493,12 +493,3 @@ def test_every_change_on_the_way_in_is_counted(tmp_path):
     assert res.changes == {"audio mixed from 2 channels to mono": 1, "audio resampled 8000 Hz -> 16000 Hz": 1,
                            "image converted from L to RGB": 1}
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["changes"] == res.changes
-
-
-def test_preprocessing_counts_what_it_cuts_and_resizes():
-    from tasks.data.preprocess import PrepConfig, prep_changes
-
-    rows = [dict(modality="audio", duration_s=d, width=None, height=None) for d in (0.5, 1.27, 1.3, 5.0)] + \
-           [dict(modality="image", duration_s=None, width=w, height=w) for w in (32, 64)]
-    assert prep_changes(rows, PrepConfig()) == {"audio clips cut to the 1.27 s window (--n-frames 128)": 2,
-                                                "images cropped and resized to 32x32": 1}

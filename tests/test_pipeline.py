@@ -68,7 +68,7 @@ def test_pipeline_trains_every_model_and_tracks_it(first_run):
     result = state.result()
     assert set(result["train"]) == {"vit", "ast", "clip", "imagegpt", "asr", "t2i", "tts"}
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
-    exp = client.get_experiment_by_name("tessera")
+    exp = client.get_experiment_by_name("tessera-builtin")  # tessera-<dataset name>
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -79,7 +79,11 @@ def test_pipeline_trains_every_model_and_tracks_it(first_run):
         assert run.info.status == "FINISHED"
         assert "loss" in "".join(run.data.metrics), run.data.metrics  # training metrics
         assert any(k.startswith("test/") for k in run.data.metrics), (m, run.data.metrics)  # evaluation metrics
-        assert client.get_registered_model(f"tessera-{m}").latest_versions
+        assert run.data.tags["tessera.dataset"] == "builtin"  # inherited from the pipeline's run
+        assert run.data.tags["tessera.dataset_digest"] == result["data"]["shards"]["digest"]
+        version = client.get_model_version(f"tessera-builtin-{m}", result["registered"][m]["version"])
+        assert version.run_id == run.info.run_id and version.tags["tessera.dataset"] == "builtin"
+        assert result["registered"][m]["champion"] is None  # the tiny preset is never a champion
     assert "codebooks" in children and "clip-index" in children
     assert parents[0].inputs.dataset_inputs  # dataset lineage
     summary = json.loads(Path(client.download_artifacts(parent_id, "data/summary.json", str(root))).read_text())
@@ -87,21 +91,50 @@ def test_pipeline_trains_every_model_and_tracks_it(first_run):
         n for counts in summary["splits"].values() for n in counts.values())  # every item kept is in a split
 
 
-def test_second_run_comes_from_the_cache(first_run):
+def test_second_run_comes_from_the_cache(first_run, monkeypatch):
     root, state = first_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")  # the registry that holds the versions
     again = pipeline(_params(root / "out"), return_state=True)
     assert again.result()["index"] == state.result()["index"]
     states = _states(again.state_details.flow_run_id, at_least=1 + 7 + 7 + 2)
     assert len(states) >= 1 + 7 + 7 + 2  # codebooks, train x7, eval x7, round trips, index (data: test_data_flow)
-    assert set(states.values()) == {"Cached"}, {k: v for k, v in states.items() if v != "Cached"}
+    registers = {k for k in states if k.startswith("register-")}
+    assert len(registers) == 7 and {states[k] for k in registers} == {"Completed"}  # asks the registry each time
+    assert {v for k, v in states.items() if k not in registers} == {"Cached"}, states
+    assert {m: r["new"] for m, r in again.result()["registered"].items()} == dict.fromkeys(state.result()["train"],
+                                                                                          False)
 
 
-def test_changing_one_model_reruns_only_what_depends_on_it(first_run):
+def test_changing_one_model_reruns_only_what_depends_on_it(first_run, monkeypatch):
     root, _ = first_run
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
     changed = pipeline(_params(root / "out", train_overrides={"ast": {"lr": 1e-3}}), return_state=True)
     states = _states(changed.state_details.flow_run_id)
-    assert {k for k, v in states.items() if v == "Completed"} == {"train-ast", "eval-ast"}, states
+    completed = {k for k, v in states.items() if v == "Completed" and not k.startswith("register-")}
+    assert completed == {"train-ast", "eval-ast"}, states
+    assert [m for m, r in changed.result()["registered"].items() if r["new"]] == ["ast"]
     assert {k for k, v in states.items() if v != "Completed"} and set(states.values()) == {"Completed", "Cached"}
+
+
+def test_a_failed_pipeline_registers_nothing(first_run, monkeypatch):
+    root, _ = first_run
+    from tasks import stages
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    before = len(client.search_model_versions("name='tessera-builtin-vit'"))
+
+    def evaluation_fails(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(stages.eval_lib, "evaluate", evaluation_fails)
+    failed = pipeline(_params(root / "out", models=["vit"], train_overrides={"vit": {"lr": 1.5e-3}}),
+                      return_state=True)
+    assert failed.is_failed()
+    states = _states(failed.state_details.flow_run_id)
+    assert states["train-vit"] == "Completed" and states["eval-vit"] == "Failed"  # trained anew, then failed
+    assert len(client.search_model_versions("name='tessera-builtin-vit'")) == before
+    assert not any(k.startswith("register-") for k in states)
 
 
 def test_search_cli(first_run, capsys):

@@ -64,7 +64,7 @@ def test_preprocessed_shards(prepared):
     for split in ("train", "val", "test"):
         for s in read_samples(shard_urls(out, "audio", split)):
             mel = np.load(__import__("io").BytesIO(s["mel.npy"]))
-            assert mel.shape == (32, 48) and mel.dtype == np.float16
+            assert mel.shape[0] == 32 and mel.shape[1] >= 48 and mel.dtype == np.float16  # own length, >= window
             info = json.loads(s["json"])
             assert stats["audio"]["classes"][info["label_id"]] == info["label"]
             n += 1
@@ -78,7 +78,8 @@ def test_mel_normalised_with_train_stats(prepared):
     out, _, _ = prepared
     import io
 
-    train = np.stack([np.load(io.BytesIO(s["mel.npy"])).astype(np.float32) for s in read_samples(shard_urls(out, "audio", "train"))])
+    train = np.concatenate([np.load(io.BytesIO(s["mel.npy"])).astype(np.float32)
+                            for s in read_samples(shard_urls(out, "audio", "train"))], axis=1)
     assert abs(train.mean()) < 0.02 and abs(train.std() - 1) < 0.02
 
 

@@ -181,6 +181,10 @@ def test_deploy_registers_deployments_pool_and_gpu_limit(servers, deployed):
             assert not any(s.active for s in dep.schedules), f"{name}: schedules must be off by default"
         limit = client.read_concurrency_limit_by_tag(deploy_lib.TRAIN_TAG)
         assert limit.concurrency_limit == 1
+        (zombies,) = client.read_automations_by_name(deploy_lib.ZOMBIE_AUTOMATION)  # flow runs of a dead machine
+        assert zombies.enabled and zombies.trigger.posture == "Proactive" and "prefect.flow-run.heartbeat" in \
+            zombies.trigger.after and zombies.actions[0].state == "CRASHED"
+        assert deploy_lib.ensure_zombie_automation(client) is False  # once per server
     # a second deploy changes nothing it should not: the pool exists, the limit keeps its value unless asked
     with _api(servers.prefect_url) as client:
         assert deploy_lib.ensure_pool(client, "tessera") is False
@@ -283,7 +287,7 @@ def test_retrain_deployment_runs_on_a_worker_and_lands_in_the_mlflow_server(serv
     assert {"checkpoint", "test"} <= {a.path for a in mlflow.list_artifacts(train.info.run_id)}
     assert mlflow.list_artifacts(train.info.run_id, "checkpoint")
     assert any(p.is_file() for p in servers.artifacts.rglob("*")), "the server stored no artifact under its root"
-    versions = mlflow.get_registered_model("tessera-vit").latest_versions
+    versions = mlflow.search_model_versions("name='tessera-builtin-vit'")  # tessera-<dataset>-<model>
     assert versions and versions[0].run_id == train.info.run_id
     assert parents[0].inputs.dataset_inputs  # dataset lineage
 
@@ -349,6 +353,7 @@ def test_worker_command_runs_flows_from_this_checkout(monkeypatch):
         argv, env = deploy_lib.worker_command("tessera", limit=1)
     assert argv[1:] == ["-m", "prefect", "worker", "start", "--pool", "tessera", "--type", "process", "--limit", "1"]
     assert env["TESSERA_PROJECT_DIR"] == str(ROOT) and env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+    assert int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) >= 30  # heartbeats for the zombie automation (Prefect: >= 30)
     assert cli_main(["worker", "--limit", "0"]) == 2
 
 

@@ -4,6 +4,7 @@ that keep every speaker (fold, session) wholly in one split."""
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -96,3 +97,54 @@ def test_groups_need_a_split_by():
     with pytest.raises(ValidationError, match="pass --split-by too"):
         DataParams(test_groups=["theo"])
     assert DataParams(split_by="speaker", test_groups=["theo,lucas", "nico"]).test_groups == ["theo", "lucas", "nico"]
+
+
+def test_several_test_sets_from_folders_and_a_split_column(digits, tmp_path):
+    """test_<name> splits (a folder or a split column) are test sets of their own, sharded apart from `test`."""
+    from tasks.data.shards import shard_urls, test_sets
+
+    for split in ("train", "test_takes"):
+        d = tmp_path / "clips" / split / "yes"
+        d.mkdir(parents=True)
+        (d / "a.wav").write_bytes(wav_bytes(500, 0.2))
+    (tmp_path / "t.csv").write_text("audio,label,split\n" + "".join(
+        f"recordings/{f.name},{f.name[0]},{'test_speakers' if '_cy_' in f.name else ''}\n"
+        for f in sorted(digits.iterdir())))
+    rows = _manifest(tmp_path, Sources(audio=tmp_path / "clips", transcripts=tmp_path / "t.csv"), IngestConfig(),
+                     ShardConfig(test_fraction=0.2))
+    splits = {r["split"] for r in rows}
+    assert {"train", "test", "test_takes", "test_speakers"} <= splits and test_sets(splits)[0] == "test"
+    assert {r["split_source"] for r in rows if r["split"].startswith("test_")} == {"given"}
+    speakers = shard_urls(tmp_path / "shards", "audio", "test_speakers")
+    assert [u.rsplit("/", 1)[-1] for u in speakers] == ["test_speakers-000000.tar"]
+    assert not set(speakers) & set(shard_urls(tmp_path / "shards", "audio", "test"))
+    with pytest.raises(IngestError, match=r"invalid split: .* has split 'tests'; use train, val, test, test_<name>"):
+        (tmp_path / "bad.csv").write_text("audio,label,split\nrecordings/0_ann_0.wav,0,tests\n")
+        from flows.data import check_data
+        from flows.params import DataParams
+
+        check_data(DataParams(transcripts=tmp_path / "bad.csv"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(split_by="speaker", test_groups=["theoo"]),
+     "--test-groups theoo: no item has speaker=theoo (found: ann, bob, cy, dee, eve, fay, gus, hal); name groups that "
+     "exist"),
+    (dict(split_by="speakr"), "--split-by speakr: no item has a 'speakr' value; name a table column or a "
+                              "--name-pattern field (or 'label')"),
+    (dict(split_by="speaker", test_groups=list(SPEAKERS[:5]), val_groups=list(SPEAKERS[5:])),
+     "--split-by speaker: 8 group(s) (ann, bob, cy, dee, eve, fay, gus, hal) are too few for a train split beside the "
+     "held-out ones; name fewer --test-groups/--val-groups, or change the fractions"),
+    (dict(split_by="label", test_fraction=0.2), "--split-by label: 2 group(s) (0, 1) are too few for a train split "
+                                                "beside the held-out ones"),
+])
+def test_group_flags_are_checked_against_the_data_before_any_stage(digits, tmp_path, flags, message):
+    from flows.data import check_data
+    from flows.params import DataParams
+
+    p = DataParams(audio=digits, name_pattern="{label}_{speaker}_{take}", root=tmp_path / "out", **flags)
+    with pytest.raises(IngestError, match="^" + re.escape(message)):
+        check_data(p)
+    assert not (tmp_path / "out").exists()  # nothing ran
+    check_data(DataParams(audio=digits, name_pattern="{label}_{speaker}_{take}", split_by="speaker",
+                          test_groups=["cy"]))  # the same data with a group that exists: no error

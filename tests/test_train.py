@@ -29,7 +29,7 @@ import tasks.train.trainer as trainer
 from tasks.data.loader import batches
 from tasks.data.shards import CorruptShardError, shard_urls
 from tasks.infra import hardware, tracking
-from tasks.infra.checkpoint import save_checkpoint
+from tasks.infra.checkpoint import BEST, WEIGHTS, save_checkpoint
 from tasks.train import table as registry
 from tasks.train.batches import BatchContext, DataInfo
 from tasks.train.table import MODELS, configure
@@ -218,12 +218,13 @@ def test_training_lowers_the_loss_and_records_one_run(name, prep, tmp_path, monk
 def test_every_metric_of_step_k_is_logged_at_step_k(prep, tmp_path, monkeypatch):
     """Known answers for 7 steps with log_every=3, eval_every=4, ckpt_every=5 (64 train images, batch 16: 4 batches
     an epoch): train/* at 1..7 with the k-th step's lr at k, perf/* and data/epoch at 3, 6, 7, val/* at 4 and 7,
-    checkpoints at 5 and 7; the last holds the step, data position and val/* of step 7."""
+    checkpoints at 5 and 7 and at every better evaluation (4 and 7: ckpt.pt, then best.pt); the last holds the step,
+    data position and val/* of step 7."""
     cfg = replace(TINY_TRAIN, max_steps=7, log_every=3, eval_every=4, ckpt_every=5)
     saved = []
 
     def spy_save(path, ckpt):
-        saved.append(ckpt["step"])
+        saved.append((Path(path).name, ckpt["step"]))
         save_checkpoint(path, ckpt)
 
     monkeypatch.setattr(trainer, "save_checkpoint", spy_save)
@@ -237,10 +238,13 @@ def test_every_metric_of_step_k_is_logged_at_step_k(prep, tmp_path, monkeypatch)
         assert sorted(metrics[key]) == [3, 6, 7], key
     assert metrics["data/epoch"] == {3: 0, 6: 1, 7: 1}
     assert sorted(metrics["val/loss"]) == sorted(metrics["val/accuracy"]) == [4, 7]
-    assert saved == [5, 7] and record["steps"] == 7
+    assert metrics["val/accuracy"][7] > metrics["val/accuracy"][4]  # so step 7 is a better evaluation
+    assert saved == [(CKPT, 4), (BEST, 4), (CKPT, 5), (CKPT, 7), (BEST, 7)] and record["steps"] == 7
     ckpt = load_checkpoint(tmp_path / "out" / CKPT)
-    assert sorted(ckpt) == ["batch", "codebooks", "config", "epoch", "model", "optimizer", "prep_dir", "rng",
-                            "run_id", "state_dict", "step", "train_config", "val"]
+    assert sorted(ckpt) == ["bad_evals", "batch", "best_step", "best_val", "codebooks", "config", "epoch", "model",
+                            "optimizer", "prep_dir", "rng", "run_id", "state_dict", "step", "stopped_early",
+                            "train_config", "val"]
+    assert sorted(load_checkpoint(tmp_path / "out" / BEST)) == sorted(WEIGHTS)
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch"]) == (7, 1, 3)  # 7 batches: 4 of epoch 0, 3 of epoch 1
     assert ckpt["val"] == {k: metrics[k][7] for k in ("val/loss", "val/accuracy")} == record["metrics"]
     assert json.loads((tmp_path / "out" / "train.json").read_text()) == {"run_id": record["run_id"],
@@ -269,19 +273,15 @@ def test_tracking_uri_defaults_to_sqlite_in_the_working_directory(tmp_path, monk
     assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
 
 
-def test_nested_run_registered_model_and_rebuild_from_checkpoint(prep, tmp_path):
+def test_nested_run_and_rebuild_from_checkpoint(prep, tmp_path):
+    """A training under a parent run is nested under it; its checkpoint rebuilds the model (registration, after
+    evaluation: tests/test_registry.py)."""
     c = _client()
     parent = c.create_run(tracking.experiment_id(c, "r"), run_name="flow").info.run_id
     cfg = replace(TINY_TRAIN, max_steps=2)
-    record = train("vit", prep, tmp_path / "out", cfg, preset="tiny", experiment="r", register=True,
-                   parent_run_id=parent)
+    record = train("vit", prep, tmp_path / "out", cfg, preset="tiny", experiment="r", parent_run_id=parent)
     assert c.get_run(record["run_id"]).data.tags["mlflow.parentRunId"] == parent
-    model_id = record["registered"]["model_uri"].removeprefix("models:/")
-    logged = c.get_logged_model(model_id)
-    assert logged.experiment_id == c.get_experiment_by_name("r").experiment_id and logged.status == "READY"
-    assert Path(tracking.artifact_root()) in Path(logged.artifact_location.removeprefix("file://")).parents
-    assert record["registered"]["registered_name"] == "tessera-vit" and str(record["registered"]["version"]) == "1"
-    assert _client().get_registered_model("tessera-vit").name == "tessera-vit"
+    assert "registered" not in record and not c.search_registered_models()
     model, ckpt = registry.build_from_checkpoint(record["checkpoint"])
     assert ckpt["config"]["dim"] == 32 and not model.training
 
@@ -358,6 +358,20 @@ def test_kill_and_resume_continues_the_same_run_with_the_same_metrics(prep, tmp_
     _assert_same_metrics(_history(record["run_id"]), expected)
     assert sorted(expected["train/loss"]) == list(range(1, TINY_TRAIN.max_steps + 1))
     assert record["final_val_loss"] == expected_record["final_val_loss"]
+    _assert_same_best(record, expected_record)
+
+
+def _assert_same_best(record: dict, expected: dict) -> None:
+    """A resumed run's best evaluation, patience count and best.pt weights equal the uninterrupted run's."""
+    keys = ("best_step", "best_val", "stopped_early", "steps", "planned_steps")
+    assert {k: record[k] for k in keys} == {k: expected[k] for k in keys}
+    assert Path(record["checkpoint"]).name == BEST and Path(record["last_checkpoint"]).name == CKPT
+    got, want = load_checkpoint(record["checkpoint"]), load_checkpoint(expected["checkpoint"])
+    assert got["step"] == want["step"] == expected["best_step"] and got["val"] == want["val"]
+    assert all(torch.equal(got["state_dict"][k], want["state_dict"][k]) for k in want["state_dict"])
+    last, want_last = load_checkpoint(record["last_checkpoint"]), load_checkpoint(expected["last_checkpoint"])
+    assert [last[k] for k in ("best_step", "bad_evals", "best_val")] == [want_last[k] for k in ("best_step",
+                                                                                                "bad_evals", "best_val")]
 
 
 def test_a_failed_run_resumes_step_exact(prep, tmp_path, monkeypatch, reference):
@@ -386,6 +400,7 @@ def test_a_failed_run_resumes_step_exact(prep, tmp_path, monkeypatch, reference)
     _assert_same_metrics(metrics, expected)
     assert sorted(metrics["val/loss"]) == [4, 8, 12] and sorted(metrics["perf/mfu"]) == [3, 6, 9, 12]
     assert record["metrics"] == expected_record["metrics"] and record["steps"] == 12
+    _assert_same_best(record, expected_record)
 
 
 def test_sigterm_ends_the_run_killed(prep, tmp_path):

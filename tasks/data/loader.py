@@ -3,7 +3,12 @@
     prep_dir/{modality}/{split}-*.tar  ->  shards split by node (DDP rank), then by DataLoader worker
                                        ->  shard order shuffled, samples shuffled in a buffer (seeded by seed, epoch)
                                        ->  decoded: {"__key__", "__url__", "img" | "mel": ndarray, "info": dict}
+                                           (+ "draw" when training: a seed of (seed, epoch, key) for random crops)
                                        ->  lists of batch_size samples
+
+A mel is (n_mels, T) with T its clip's own length (at least the window; tasks/data/preprocess.py): each distinct shape
+has its own cached .npy header, and the arrays stay views of the shard buffer. What a model makes of T > n_frames (a
+random crop per draw, every window, the first window) is tasks/train/batches.py's.
 
 The order is a function of (seed, epoch, number of nodes and workers) alone, so a resumed run sees the data the
 uninterrupted run would have seen; `start_batch` skips the batches an epoch had already given out. Batches are lists
@@ -15,12 +20,14 @@ The shard list comes from tasks/data/shards.py `shard_urls` (sorted, each shard 
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
 import math
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -51,6 +58,7 @@ _META = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped
 _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key / extension split: "dir/key.img.npy"
 _NPY_MAGIC = b"\x93NUMPY"
 _NPY_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype]] = {}  # header bytes -> (shape, fortran, dtype)
+_NPY_CACHE = 4096  # distinct headers kept: clips stored at their own lengths give one per length
 
 
 def _read_shard(url: str) -> bytearray:
@@ -111,7 +119,7 @@ def _npy(data) -> np.ndarray:
         meta = read(fp)  # (shape, fortran_order, dtype); a garbled header raises ValueError
         if meta[2].hasobject:
             raise ValueError("object arrays (pickles) are not loaded")
-        if len(_NPY_HEADERS) > 256:  # many different shapes: keep the cache small
+        if len(_NPY_HEADERS) > _NPY_CACHE:  # many different shapes: keep the cache small
             _NPY_HEADERS.clear()
         _NPY_HEADERS[header] = meta
     shape, fortran, dtype = meta
@@ -158,6 +166,18 @@ def _decoded(sources: Iterator[dict]) -> Iterator[dict]:
         yield from shard_samples(source["url"])
 
 
+def draw_seed(seed: int, key: str) -> int:
+    """A 31-bit seed per (epoch seed, sample key): what a training draw of that sample randomises with (its crop)."""
+    return zlib.crc32(f"{seed}/{key}".encode()) & 0x7FFFFFFF
+
+
+def _tag_draws(seed: int, samples: Iterator[dict]) -> Iterator[dict]:
+    """webdataset stage (training only): each sample gets "draw", its seed for this epoch."""
+    for sample in samples:
+        sample["draw"] = draw_seed(seed, sample["__key__"])
+        yield sample
+
+
 def _as_list(samples: list[dict]) -> list[dict]:
     return list(samples)
 
@@ -184,6 +204,8 @@ def batches(
     sees batch_size samples). train=False: file order, last partial batch kept (evaluation sees every sample).
     split_nodes: each DDP rank reads its own shards (webdataset's split_by_node); False: every rank reads them all.
     start_batch: skip the first batches of this epoch (resuming mid-epoch).
+    train=True also tags each sample with "draw" (draw_seed of the epoch's seed and its key): a new random crop of a
+    long clip every epoch (tasks/train/batches.py), the same one in a resumed run.
 
     The stages are those wds.WebDataset(urls, shardshuffle=len(urls), seed=...) chains (so the order is the one it
     gives), with its tarfile expander and np.load replaced by `_decoded`.
@@ -198,6 +220,8 @@ def batches(
     if train:
         stages.append(wds.shuffle(len(urls), seed=s))  # shard order
     stages.append(_decoded)
+    if train:
+        stages.append(functools.partial(_tag_draws, s))
     if train and shuffle_buffer > 1:
         stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer, seed=s))
     stages.append(wds.batched(batch_size, collation_fn=_as_list, partial=not train))

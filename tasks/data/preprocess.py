@@ -2,18 +2,25 @@
 
 Input: a shards directory (tasks/data/shards.py). Output, under a content-addressed directory:
     image/{split}-000000.tar   __key__, img.npy  uint8 (3, S, S), json {label, label_id, text, meta}
-    audio/{split}-000000.tar   __key__, mel.npy  float16 (n_mels, n_frames), normalised, json
-    stats.json                 classes per modality, image mean/std per channel (0..1 scale), mel mean/std
+    audio/{split}-000000.tar   __key__, mel.npy  float16 (n_mels, T), normalised, json; n_frames <= T <= max_frames
+    stats.json                 classes per modality, image mean/std per channel (0..1 scale), mel mean/std, the window
     patches/pixels.npy         uint8 (N, 3) random train pixels (the ImageGPT colour palette is fit on these)
     patches/image.npy          uint8 (N, P*P*3) grid-aligned train image patches
     patches/mel.npy            float16 (N, P*P) grid-aligned train spectrogram patches (normalised)
 Spectrograms are computed in batches. Mel mean/std come from the train split alone (a first pass), then every
 split is normalised with them (a second pass), as the AST recipe does.
+
+The clip window (n_frames, what the audio models see at once) is decided here, from the manifest (`clip_window`):
+--n-frames, else --clip-seconds, else the 95th percentile of the train clips' durations; in frames of 10 ms that hold
+it whole, rounded up to a multiple of the mel patch (16), at least one patch, at most MAX_WINDOW_FRAMES (10.24 s).
+A clip is stored at its own length in whole frames: a shorter one zero-padded to the window, a longer one kept up to
+max_windows windows (cut there, counted). What the models do with the frames beyond the window: tasks/train/batches.py.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,10 +33,12 @@ import webdataset as wds
 from tasks.infra import storage
 from tasks.infra.common import atomic_dir, progress, tree_digest, write_json
 from models.vq import patchify
-from tasks.data.features import MelConfig, decode_audio, image_array, log_mel
-from tasks.data.shards import SPLITS, read_samples, shard_urls
+from tasks.data.features import MelConfig, clip_log_mels, decode_audio, image_array
+from tasks.data.shards import ordered_splits, read_samples, shard_urls
 
 AUDIO_EXTS = ("wav", "flac", "ogg", "mp3")
+WINDOW_PERCENTILE = 95  # the default window holds this percentile of the train clips' durations whole
+MAX_WINDOW_FRAMES = 1024  # 10.24 s: the default window's cap (a transformer over 64 x 8 patches)
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
@@ -44,20 +53,64 @@ class PrepConfig:
     n_patches: int = 50_000
     maxcount: int = 1000
     seed: int = 0
+    clip_seconds: float | None = None  # the window in seconds (mel.n_frames must then be None); both None: the data's
+    max_windows: int = 4  # a clip is stored up to this many windows long; longer ones are cut (counted in changes)
 
     def __post_init__(self):
         if self.image_size % self.image_patch:
             raise ValueError(f"image_size={self.image_size} is not a multiple of image_patch={self.image_patch}")
-        if self.mel.n_mels % self.mel_patch or self.mel.n_frames % self.mel_patch:
+        if self.mel.n_mels % self.mel_patch or (self.mel.n_frames or 0) % self.mel_patch:
             raise ValueError(
-                f"mel grid {self.mel.n_mels}x{self.mel.n_frames} is not a multiple of mel_patch={self.mel_patch}"
+                f"mel grid {self.mel.n_mels}x{self.mel.n_frames} is not a multiple of mel_patch={self.mel_patch}; "
+                f"pass --n-frames as a multiple of {self.mel_patch}"
             )
+        if self.clip_seconds is not None and self.mel.n_frames is not None:
+            raise ValueError(f"--n-frames {self.mel.n_frames} and --clip-seconds {self.clip_seconds:g} both set the "
+                             "clip window; pass one of them")
+        if (self.clip_seconds is not None and self.clip_seconds <= 0) or self.max_windows < 1:
+            raise ValueError(f"clip_seconds={self.clip_seconds}, max_windows={self.max_windows}: need clip_seconds > 0 "
+                             "and max_windows >= 1")
+
+    @property
+    def max_frames(self) -> int:
+        """The longest stored log-mel, in frames: max_windows windows."""
+        return self.max_windows * self.mel.n_frames
 
 
 def grid_patches(x: np.ndarray, p: int) -> np.ndarray:
     """(C, H, W) array -> (H/P * W/P, P*P*C) non-overlapping patches in raster order, laid out (p1, p2, c):
     the numpy face of models.vq.patchify, so the codebooks are fit on the vectors the models will tokenise."""
     return patchify(torch.from_numpy(np.ascontiguousarray(x))[None], p)[0].numpy()
+
+
+def clip_window(manifest, cfg: PrepConfig) -> tuple[int, str]:
+    """(n_frames, why): the window given (--n-frames, --clip-seconds) or, by default, the frames that hold the
+    WINDOW_PERCENTILE of the train audio clips' durations whole (mel.frames_for), rounded up to a multiple of
+    mel_patch, at least one patch, at most MAX_WINDOW_FRAMES."""
+    mel, p = cfg.mel, cfg.mel_patch
+    if mel.n_frames is not None:
+        return mel.n_frames, f"--n-frames {mel.n_frames}"
+    if cfg.clip_seconds is not None:
+        frames = mel.frames_for(round(cfg.clip_seconds * mel.sample_rate))
+        return p * -(-frames // p), f"--clip-seconds {cfg.clip_seconds:g}"
+    durations = [r["duration_s"] for r in manifest
+                 if r["modality"] == "audio" and r["split"] == "train" and r.get("duration_s") is not None]
+    if not durations:
+        raise ValueError("no train audio clip has a duration in the manifest to choose the clip window from; "
+                         "pass --n-frames or --clip-seconds")
+    seconds = float(np.percentile(durations, WINDOW_PERCENTILE))
+    frames = mel.frames_for(round(seconds * mel.sample_rate))
+    n = min(max(p, p * -(-frames // p)), p * (MAX_WINDOW_FRAMES // p))
+    capped = f", capped at {MAX_WINDOW_FRAMES} frames" if n < frames else ""
+    return n, f"p{WINDOW_PERCENTILE} of {len(durations)} train clips = {seconds:.2f} s{capped}"
+
+
+def window_record(cfg: PrepConfig, why: str) -> dict:
+    """The window as stats.json and the stage's record keep it: frames, the seconds of audio it holds, the longest
+    stored clip (frames) and why this window."""
+    n = cfg.mel.n_frames
+    return {"n_frames": n, "seconds": round((n - 1) * cfg.mel.hop_ms / 1000, 4), "max_frames": cfg.max_frames,
+            "why": why}
 
 
 def _payload(sample: dict, exts: tuple[str, ...]) -> bytes:
@@ -114,7 +167,7 @@ def _images(shards: Path, tmp: Path, cfg: PrepConfig, classes, counts, rng) -> d
     total_sq = np.zeros(3)
     n_px = 0
     (tmp / "image").mkdir()
-    for split in SPLITS:
+    for split in ordered_splits(counts):
         urls = shard_urls(shards, "image", split, allow_empty=True)
         if not urls:
             continue
@@ -138,12 +191,12 @@ def _images(shards: Path, tmp: Path, cfg: PrepConfig, classes, counts, rng) -> d
 
 
 def _mel_batches(urls: list[str], cfg: PrepConfig, desc: str, total: int | None):
-    """Yield (samples, log-mel (B, n_mels, n_frames) float32) in batches of cfg.batch_size."""
+    """Yield (samples, B log-mels float32 (n_mels, T_i), n_frames <= T_i <= max_frames) in batches of batch_size."""
     batch: list[dict] = []
     waves: list[np.ndarray] = []
 
     def flush():
-        return batch, log_mel(waves, cfg.mel).numpy()
+        return batch, clip_log_mels(waves, cfg.mel, cfg.max_frames)
 
     for s in progress(read_samples(urls), total=total, desc=desc, unit="clip"):
         wave, sr = decode_audio(_payload(s, AUDIO_EXTS))
@@ -165,10 +218,11 @@ def _audio(shards: Path, tmp: Path, cfg: PrepConfig, classes, counts, rng) -> di
     train = shard_urls(shards, "audio", "train", allow_empty=True)
     # pass 1: dataset mean/std of the log-mel on the train split (one scalar each, as AST does)
     s1 = s2 = n = 0.0
-    for _, mel in _mel_batches(train, cfg, "mel stats", counts.get("train")):
-        s1 += float(mel.sum(dtype=np.float64))
-        s2 += float((mel.astype(np.float64) ** 2).sum())
-        n += mel.size
+    for _, mels in _mel_batches(train, cfg, "mel stats", counts.get("train")):
+        for mel in mels:  # (n_mels, T)
+            s1 += float(mel.sum(dtype=np.float64))
+            s2 += float((mel.astype(np.float64) ** 2).sum())
+            n += mel.size
     if n == 0:
         raise ValueError("no train audio to compute spectrogram statistics from; add audio or lower test/val fractions")
     mean = s1 / n
@@ -176,29 +230,42 @@ def _audio(shards: Path, tmp: Path, cfg: PrepConfig, classes, counts, rng) -> di
     # pass 2: normalised spectrograms for every split, patches from the train split
     patches = _PatchSampler(cfg.n_patches, counts.get("train", 0), rng)
     (tmp / "audio").mkdir()
-    for split in SPLITS:
+    for split in ordered_splits(counts):
         urls = shard_urls(shards, "audio", split, allow_empty=True)
         if not urls:
             continue
         with wds.ShardWriter(str(tmp / "audio" / f"{split}-%06d.tar"), maxcount=cfg.maxcount, mtime=0, verbose=0) as sink:
-            for samples, mel in _mel_batches(urls, cfg, f"mel/{split}", counts.get(split)):
-                mel = ((mel - mean) / std).astype(np.float16)  # (B, n_mels, n_frames)
-                for s, m in zip(samples, mel):
+            for samples, mels in _mel_batches(urls, cfg, f"mel/{split}", counts.get(split)):
+                for s, mel in zip(samples, mels):
+                    m = ((mel - mean) / std).astype(np.float16)  # (n_mels, T)
                     sink.write({"__key__": s["__key__"], "mel.npy": m, "json": _info(s, classes)})
-                    if split == "train":
-                        patches.add(grid_patches(m[None], cfg.mel_patch))
+                    if split == "train":  # the grid-aligned part: whole patches in time
+                        patches.add(grid_patches(m[None, :, : m.shape[1] - m.shape[1] % cfg.mel_patch], cfg.mel_patch))
     np.save(tmp / "patches" / "mel.npy", patches.array(np.float16))
     return {"classes": classes, "mean": mean, "std": std, "mel": vars(cfg.mel) | {"hop_length": cfg.mel.hop_length}}
 
 
 def prep_changes(manifest, cfg: PrepConfig) -> dict[str, int]:
-    """What preprocessing changes, counted: clips longer than the spectrogram window are cut (the window is
-    --n-frames), images not already image_size x image_size are centre-cropped and resized."""
-    window = (cfg.mel.n_frames - 1) * cfg.mel.hop_ms / 1000
-    cut = sum(r["modality"] == "audio" and (r["duration_s"] or 0) > window + 1e-6 for r in manifest)
+    """What preprocessing changes, counted (cfg.mel.n_frames: the decided window): audio clips longer than the window
+    (the classifiers see random crops of them in training and average over their windows in evaluation), those of
+    them with a transcript (the speech models read their first window only), clips longer than max_windows windows
+    (cut there); images not already image_size x image_size (centre-cropped and resized)."""
+    mel, n = cfg.mel, cfg.mel.n_frames
+    audio = [r for r in manifest if r["modality"] == "audio"]
+    need = [mel.frames_for(round((r["duration_s"] or 0) * mel.sample_rate)) for r in audio]  # frames to hold it
+    seconds = (n - 1) * mel.hop_ms / 1000 if n else 0.0
+    cap = (cfg.max_frames - 1) * mel.hop_ms / 1000 if n else 0.0
     resized = sum(r["modality"] == "image" and (r["width"], r["height"]) != (cfg.image_size,) * 2 for r in manifest)
-    return {k: n for k, n in ((f"audio clips cut to the {window:.2f} s window (--n-frames {cfg.mel.n_frames})", cut),
-                              (f"images cropped and resized to {cfg.image_size}x{cfg.image_size}", resized)) if n}
+    counts = (
+        (f"audio clips longer than the {seconds:.2f} s window: classifiers train on random {seconds:.2f} s crops and "
+         "average over the windows at evaluation", sum(t > n for t in need)),
+        (f"transcribed audio clips longer than the {seconds:.2f} s window: cut to it for the speech models",
+         sum(t > n and bool(r.get("text")) for t, r in zip(need, audio))),
+        (f"audio clips longer than {cap:.2f} s ({cfg.max_windows} windows): cut to it", sum(t > cfg.max_frames
+                                                                                         for t in need)),
+        (f"images cropped and resized to {cfg.image_size}x{cfg.image_size}", resized),
+    )
+    return {k: c for k, c in counts if c}
 
 
 def preprocess(shards: Path | str, cfg: PrepConfig, out_dir: Path | str) -> dict:
@@ -213,6 +280,11 @@ def preprocess(shards: Path | str, cfg: PrepConfig, out_dir: Path | str) -> dict
         counts[r["modality"]][r["split"]] += 1
     rng = np.random.default_rng(cfg.seed)
     record: dict = {}
+    window = None
+    if "audio" in counts:  # the clip window, decided once from the manifest (--n-frames, --clip-seconds or p95)
+        n_frames, why = clip_window(manifest, cfg)
+        cfg = dataclasses.replace(cfg, mel=dataclasses.replace(cfg.mel, n_frames=n_frames), clip_seconds=None)
+        window = window_record(cfg, why)
     with atomic_dir(out_dir, record) as tmp:
         (tmp / "patches").mkdir()
         stats: dict = {"counts": counts}
@@ -222,7 +294,10 @@ def preprocess(shards: Path | str, cfg: PrepConfig, out_dir: Path | str) -> dict
         if "audio" in counts:
             stats["audio"] = _audio(shards, tmp, cfg, _classes(manifest, "audio"), counts["audio"], rng)
             stats["audio"]["facts"] = data_facts(manifest, "audio")
+            stats["audio"]["window"] = window
         stats["changes"] = prep_changes(manifest, cfg)
         write_json(tmp / "stats.json", stats)
         record.update(digest=tree_digest(tmp)[:32], counts=counts, changes=stats["changes"])
+        if window:
+            record["window"] = window
     return record

@@ -35,8 +35,7 @@ from webdataset.gopen import gopen_schemes
 
 from tasks.infra import storage
 from tasks.infra.common import atomic_dir, digest, file_sha256, progress, require_finished
-
-SPLITS = ("train", "val", "test")
+from tasks.data.ingest.sources import SPLITS, is_split, ordered_splits, test_sets  # noqa: F401 (the split names)
 
 # webdataset opens a URL through its table of schemes: local paths, file:, pipe:, http(s) through curl, gs through
 # gsutil; any other scheme raises. Remote stores go through fsspec instead, with the credentials it writes them with.
@@ -177,8 +176,9 @@ def write_shards(items: Path | str, cfg: ShardConfig, out_dir: Path | str) -> di
         for batch in progress(pf.iter_batches(batch_size=256), desc="shards", unit="batch"):
             for row in batch.to_pylist():
                 split, source = split_of(row, cfg)
-                if split not in SPLITS:
-                    raise ValueError(f"item {row['key']} has split={split!r}; use one of {SPLITS} or leave it empty")
+                if not is_split(split):
+                    raise ValueError(f"item {row['key']} has split={split!r}; use train, val, test, test_<name> or "
+                                     "leave it empty")
                 group = (row["modality"], split)
                 if group not in writers:
                     (tmp / row["modality"]).mkdir(exist_ok=True)

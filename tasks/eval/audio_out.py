@@ -1,6 +1,6 @@
 """From the models' normalised log-mel back to sound, and from sound back to their input: Griffin-Lim, WAVs, plots.
 
-    generate_speech(tts, ctx, texts)  transcripts -> greedy mel-patch codes -> normalised log-mel via the codebook
+    generate_speech(tts, ctx, texts)  transcripts -> mel-patch codes (greedy, or guided) -> normalised log-mel
     vocode(stats, mel)                normalised log-mel -> waveform, with the prep folder's mel config and statistics
 
     normalised log-mel (B, n_mels, n_frames)  --x std + mean, exp-->  mel power (B, n_mels, n_frames)
@@ -27,6 +27,7 @@ import torchaudio
 
 from models.vq import tokens_to_spec
 from tasks.data.features import MelConfig, log_mel
+from tasks.eval.generate import TTS_SAMPLING, Sampling, sample_seq2seq
 from tasks.train.batches import TOKENIZER, BatchContext
 
 GRIFFIN_LIM_ITERS = 32
@@ -77,10 +78,11 @@ def vocode(stats: dict, mel: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate_speech(model, ctx: BatchContext, texts: list[str]) -> torch.Tensor:
-    """tts: B transcripts -> normalised log-mel (B, n_mels, n_frames), greedy codes decoded through the mel codebook."""
+def generate_speech(model, ctx: BatchContext, texts: list[str], how: Sampling = TTS_SAMPLING) -> torch.Tensor:
+    """tts: B transcripts -> normalised log-mel (B, n_mels, n_frames), codes (greedy by default, guided when
+    how.guidance != 1) decoded through the mel codebook."""
     codes = ctx.data.codebook("mel")
-    tokens = model.generate(TOKENIZER.batch_encode(texts, model.cfg.src_len))  # (B, n_patches)
+    tokens = sample_seq2seq(model, TOKENIZER.batch_encode(texts, model.cfg.src_len), how)  # (B, n_patches)
     return tokens_to_spec(codes.codebook, tokens, codes.patch, *ctx.data.mel_grid)
 
 

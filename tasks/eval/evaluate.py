@@ -2,7 +2,7 @@
 
     evaluate(model, checkpoint, prep_dir, out_dir, codebooks, split, max_samples)
         vit, ast        accuracy, top-5, per-class table (CSV + markdown), confusion matrix PNG, held-out combos
-        imagegpt        held-out bits/token (teacher forced) + a grid of unconditional samples
+        imagegpt        held-out bits/token (teacher forced) + grids of unconditional samples and of completions
         t2i             held-out bits/token + images generated from test captions (decoded through the codebook)
         tts             held-out bits/token + speech from test transcripts (codebook -> mel -> Griffin-Lim) as WAVs
         asr             CER and WER of greedy transcripts + an examples table
@@ -16,9 +16,10 @@ Artifacts go into out_dir atomically (tasks/infra/common.py atomic_dir) with met
 pipeline's task wrapper) logs them. Everything runs under torch.no_grad, in fp32 by default: CPU bf16 autocast
 measured 2-7x slower here for these model sizes (casts dominate the small matmuls); PRECISION = "bf16" turns it on
 for the forward passes and generation (never for the teacher-forced NLL, where bf16 logits would move bits/token in
-the second decimal, nor Griffin-Lim). Images are sampled (ImageGPT at
-temperature 1, t2i at temperature 1 with top-k, as Parti) from a seeded generator: greedy image decoding collapses to
-blank backgrounds, a background patch being the likeliest code almost everywhere. Speech and transcripts are greedy.
+the second decimal, nor Griffin-Lim). Images are sampled (tasks/eval/generate.py
+IMAGEGPT_SAMPLING, T2I_SAMPLING: temperature, top-k, classifier-free guidance) from a seeded generator: greedy image
+decoding collapses to blank backgrounds, a background patch being the likeliest code almost everywhere. Speech and
+transcripts are greedy.
 """
 
 from __future__ import annotations
@@ -32,11 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.vq import tokens_to_image
 from tasks.data import loader
 from tasks.data.shards import shard_urls
 from tasks.data.builtin.vocab import Vocabulary
-from tasks.eval import audio_out
+from tasks.eval import audio_out, generate
 from tasks.eval.metrics import cer, classification_metrics, hit_rates, retrieval_recall, wer, zero_shot_prompts, zero_shot_weights
 from tasks.eval.report import N_SHOW, confusion_plot, finish, image_grid, table, write_csv
 from tasks.infra.common import atomic_dir
@@ -46,7 +46,6 @@ from tasks.train.table import build_from_checkpoint, spec
 BATCH_SIZE = 64
 N_EXAMPLES = 10  # rows of the ASR examples table
 SEED = 0
-T2I_TOP_K = 32  # codes kept when sampling t2i images
 
 
 PRECISION = "fp32"  # or "bf16": CPU autocast for forward passes and generation
@@ -148,40 +147,39 @@ def nll_bits(run: Run) -> dict[str, float]:
 
 
 def eval_imagegpt(run: Run) -> tuple[dict, list[str]]:
-    cfg, codes = run.model.cfg, run.ctx.data.codebook("pixels")
-    side = math.isqrt(cfg.seq_len)
+    """Bits/token, a grid of unconditional samples and one of completions of test images from their top half (the
+    round trip scores both with the trained ViT: tasks/eval/roundtrip.py roundtrip_imagegpt)."""
+    cfg, how, g = run.model.cfg, generate.IMAGEGPT_SAMPLING, torch.Generator().manual_seed(SEED)
     label = torch.arange(N_SHOW) % cfg.n_classes if cfg.n_classes else None
     with amp():
-        tokens = run.model.generate(N_SHOW, temperature=1.0, label=label, generator=torch.Generator().manual_seed(SEED))
-    images = tokens_to_image(codes.codebook, tokens, 1, side, side)  # (N, 3, side, side) palette colours, 0..255
+        tokens = run.model.generate(N_SHOW, how.temperature, how.top_k, label=label, generator=g)  # (N, side^2)
+    images = generate.imagegpt_pixels(run.model, run.ctx, tokens)  # (N, 3, side, side) palette colours, 0..255
     image_grid(images, [f"sample {i}" for i in range(N_SHOW)], run.out / "samples.png")
-    return nll_bits(run), []
-
-
-def generate_images(model, ctx: BatchContext, captions: list[str]) -> torch.Tensor:
-    """t2i: captions -> pixels (N, 3, S, S) in 0..255, sampled codes decoded through the image-patch codebook."""
-    codes, size = ctx.data.codebook("image"), ctx.data.image_size
-    src, g = TOKENIZER.batch_encode(captions, model.cfg.src_len), torch.Generator().manual_seed(SEED)
+    real = torch.from_numpy(np.stack([s["img"] for s in run.first(N_SHOW)])).float()  # (M, 3, S, S)
     with amp():
-        tokens = model.generate(src, temperature=1.0, top_k=T2I_TOP_K, generator=g)  # (N, (S/P)^2)
-    return tokens_to_image(codes.codebook, tokens, codes.patch, size, size).clamp(0, 255)
+        done = generate.complete_images(run.model, run.ctx, real, math.isqrt(cfg.seq_len) // 2, how, g)
+    image_grid(done, ["completed from the top half"] * len(done), run.out / "completions.png")
+    return nll_bits(run), ["Samples: ![](samples.png)", "Completions: ![](completions.png)"]
 
 
 def eval_t2i(run: Run) -> tuple[dict, list[str]]:
     samples = run.first(N_SHOW)
     captions = [s["info"].get("text") or "" for s in samples]
-    generated = generate_images(run.model, run.ctx, captions)
+    with amp():
+        generated = generate.generate_images(run.model, run.ctx, captions,
+                                             generator=torch.Generator().manual_seed(SEED))
     reference = torch.from_numpy(np.stack([s["img"] for s in samples])).float()  # (N, 3, S, S) 0..255
     image_grid(torch.cat([generated, reference]), captions + ["(reference)"] * len(samples), run.out / "samples.png",
                ncols=len(samples))
-    return nll_bits(run), []
+    return nll_bits(run), ["Samples (top) and the test images of their captions: ![](samples.png)"]
 
 
 def eval_tts(run: Run) -> tuple[dict, list[str]]:
     samples = run.first(N_SHOW)
     texts = [s["info"].get("text") or "" for s in samples]
-    with amp():
-        generated, reference = audio_out.generate_speech(run.model, run.ctx, texts), mels(samples)
+    with amp():  # reference: the first window of each clip, as the model was trained on
+        generated = audio_out.generate_speech(run.model, run.ctx, texts)
+        reference = mels(samples, run.ctx.data.mel_grid[1])
     sr = audio_out.mel_config(run.ctx.data.stats).sample_rate
     for prefix, mel in (("generated", generated), ("reference", reference)):  # reference: the vocoder's ceiling
         audio_out.write_wavs(audio_out.vocode(run.ctx.data.stats, mel), sr, run.out / "wav", prefix)
@@ -200,7 +198,7 @@ def eval_asr(run: Run) -> tuple[dict, list[str]]:
     refs, hyps = [], []
     for samples in run.samples():
         refs += [s["info"].get("text") or "" for s in samples]
-        hyps += transcribe(run.model, mels(samples))
+        hyps += transcribe(run.model, mels(samples, run.ctx.data.mel_grid[1]))  # the first window
     rows = list(zip(refs, hyps))[:N_EXAMPLES]
     (run.out / "examples.md").write_text(table(("reference", "hypothesis"), rows) + "\n")
     metrics = {"cer": cer(refs, hyps), "wer": wer(refs, hyps), "n": float(len(refs))}

@@ -1,60 +1,237 @@
-"""Round trips across modalities, scored by the other trained models.
+"""Round trips across modalities, judged by the other trained models and by pixel statistics.
 
-    roundtrip_t2i: caption -> t2i -> image -> ViT (shape) and CLIP zero-shot (shape, colour): was the request kept?
-    roundtrip_tts: transcript -> tts -> Griffin-Lim waveform -> log-mel -> asr: CER against the transcript.
+    roundtrip_t2i:      prompt -> t2i -> SAMPLES_PER_PROMPT images (seeded) -> the trained ViT names the shape, the
+                        dominant foreground colour (dominant_colour, against the built-in palette and backgrounds)
+                        names the colour; CLIP's zero-shot shape and colour are reported beside them, not as judges
+                        (a CLIP that re-ranked the samples could not judge them). A grid per prompt.
+    roundtrip_imagegpt: unconditional samples and completions of test images from their top half -> the ViT (shape)
+                        and colour_purity (one coloured thing, or scattered pixels?).
+    roundtrip_tts:      transcript -> tts -> Griffin-Lim waveform -> log-mel -> asr: CER against the transcript.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from tasks.data.builtin.vocab import Vocabulary
+from tasks.data.builtin.synthetic import BACKGROUNDS
+from tasks.data.builtin.vocab import COLOURS, Vocabulary
 from tasks.eval import audio_out
-from tasks.eval.evaluate import (BATCH_SIZE, N_EXAMPLES, N_SHOW, Run, amp, generate_images, load_model, transcribe,
-                                 zero_shot, zero_shot_classifiers)
-from tasks.eval.metrics import cer, hit_rates, wer
+from tasks.eval.evaluate import (BATCH_SIZE, N_EXAMPLES, N_SHOW, SEED, Run, amp, load_model, transcribe, zero_shot,
+                                 zero_shot_classifiers)
+from tasks.eval.generate import (IMAGEGPT_SAMPLING, T2I_SAMPLING, Sampling, complete_images, generate_images,
+                                 imagegpt_pixels)
+from tasks.eval.metrics import cer, wer
 from tasks.eval.report import finish, image_grid, table
 from tasks.infra.common import atomic_dir
 
 
+MIN_FOREGROUND = 0.02  # a foreground colour must cover at least this share of the image to be named
+
+
+def foreground_counts(pixels: torch.Tensor, palette: dict[str, tuple[int, int, int]],
+                      backgrounds: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Pixels (N, 3, H, W) in 0..255 -> (N, C): per image, how many pixels are nearest each palette colour (RGB
+    distance, among the palette and the backgrounds; the ones nearest a background are background). Anti-aliased
+    edges blend a colour with its background and mostly fall to either, not to a third colour."""
+    refs = torch.tensor([palette[n] for n in palette] + list(backgrounds), dtype=torch.float32)  # (C + G, 3)
+    flat = pixels.float().flatten(2).transpose(1, 2)  # (N, H*W, 3)
+    nearest = torch.cdist(flat, refs.expand(len(flat), -1, -1)).argmin(-1)  # (N, H*W)
+    return torch.stack([(nearest == i).sum(-1) for i in range(len(palette))], dim=1)  # (N, C)
+
+
+def dominant_colour(pixels: torch.Tensor, palette: dict[str, tuple[int, int, int]],
+                    backgrounds: list[tuple[int, int, int]], min_share: float = MIN_FOREGROUND) -> list[str | None]:
+    """The colour an image is drawn in, by pixel statistics: pixels (N, 3, H, W) in 0..255 -> per image the palette
+    name most of its foreground pixels are nearest to (foreground_counts), or None when that colour covers under
+    min_share of the image."""
+    names = list(palette)
+    best, idx = foreground_counts(pixels, palette, backgrounds).max(-1)  # (N,)
+    enough = best >= min_share * pixels.shape[-1] * pixels.shape[-2]
+    return [names[i] if ok else None for i, ok in zip(idx.tolist(), enough.tolist())]
+
+
+def colour_purity(pixels: torch.Tensor, palette: dict[str, tuple[int, int, int]],
+                  backgrounds: list[tuple[int, int, int]]) -> list[float]:
+    """Pixels (N, 3, H, W) -> per image the dominant colour's share of its foreground pixels (0 with none): 1 for one
+    shape in one colour, low for scattered pixels of many colours."""
+    counts = foreground_counts(pixels, palette, backgrounds).float()  # (N, C)
+    return (counts.max(-1).values / counts.sum(-1).clamp_min(1)).tolist()
+
+
+def builtin_palette(vocab: Vocabulary) -> tuple[dict[str, tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """The vocabulary's colours with the built-in set's RGB values, and its backgrounds."""
+    palette = {c: COLOURS[c] for c in vocab.colours if c in COLOURS}
+    if len(palette) < len(vocab.colours):
+        raise ValueError(f"no RGB value for colours {sorted(set(vocab.colours) - set(palette))}: the colour judge "
+                         "knows the built-in set's palette (tasks/data/builtin/vocab.py COLOURS)")
+    return palette, list(BACKGROUNDS.values())
+
+
+SAMPLES_PER_PROMPT = 16  # t2i images drawn per prompt, from one seeded generator
+GRID_SAMPLES = 8  # samples shown in each prompt's grid
+
+
+def slug(text: str) -> str:
+    """"a red circle" -> "a_red_circle" (file names)."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def subset_rates(got: dict[str, list], want: dict[str, list], heldout: list[bool]) -> dict[str, float]:
+    """{"<key>_recovered", "seen_<key>_recovered", "heldout_<key>_recovered": fraction of got[key] == want[key]} over
+    every item, the items of seen pairs and of held-out pairs (a subset with no items is left out)."""
+    out = {}
+    for key, w in want.items():
+        for prefix, keep in (("", [True] * len(w)), ("seen_", [not h for h in heldout]), ("heldout_", heldout)):
+            hits = [g == t for g, t, k in zip(got[key], w, keep, strict=True) if k]
+            if hits:
+                out[f"{prefix}{key}_recovered"] = sum(hits) / len(hits)
+    return out
+
+
+def _judge_images(pixels: torch.Tensor, vit, vctx, clip, cctx, vocab: Vocabulary) -> dict[str, list]:
+    """Pixels (N, 3, S, S) 0..255 -> {"shape": ViT argmax, "shape_p": its probability, "colour": dominant pixel
+    colour, "clip_shape", "clip_colour": CLIP zero-shot (reported, not the judge)}, a list of N each."""
+    probs = []
+    for i in range(0, len(pixels), BATCH_SIZE):
+        with amp():
+            logits = vit({"image": (pixels[i : i + BATCH_SIZE] / 255 - vctx.mean) / vctx.std})[0]
+        probs.append(logits.float().softmax(-1))  # (b, C)
+    p, idx = torch.cat(probs).max(-1)  # (N,)
+    classes = vctx.data.modality("image")["classes"]
+    got = {"shape": [classes[i] for i in idx.tolist()], "shape_p": p.tolist(),
+           "colour": dominant_colour(pixels, *builtin_palette(vocab)),
+           "purity": colour_purity(pixels, *builtin_palette(vocab))}
+    if clip is not None:
+        classifiers = zero_shot_classifiers(clip, vocab.label_sets())
+        preds = [zero_shot(clip, (pixels[i : i + BATCH_SIZE] / 255 - cctx.mean) / cctx.std, classifiers)[0]
+                 for i in range(0, len(pixels), BATCH_SIZE)]
+        got.update({f"clip_{k}": [x for pr in preds for x in pr[k]] for k in ("shape", "colour")})
+    return got
+
+
 @torch.no_grad()
-def roundtrip_t2i(t2i_ckpt: Path, classifier_ckpt: Path, clip_ckpt: Path, prep_dir: Path,
+def roundtrip_t2i(t2i_ckpt: Path, classifier_ckpt: Path, clip_ckpt: Path | None, prep_dir: Path,
                   codebooks: dict[str, str] | None, out_dir: Path, vocab: Vocabulary,
-                  prompts: list[str] | None = None) -> dict:
-    """Generate an image per prompt, classify it with the ViT (shape) and CLIP zero-shot (shape, colour); metrics are
-    the fractions of prompts whose named shape / colour is recovered (and on the held-out pairs alone).
+                  prompts: list[str] | None = None, samples: int = SAMPLES_PER_PROMPT,
+                  how: Sampling = T2I_SAMPLING) -> dict:
+    """Draw `samples` images per prompt (seeded); the judges: the trained ViT names the shape, the dominant
+    foreground colour by pixel statistics (dominant_colour) names the colour; CLIP's zero-shot shape and colour are
+    reported beside them. Metrics: the fractions of images whose asked shape / colour / both are recovered, over every
+    prompt, the seen pairs and the held-out pairs; the ViT's mean top-1 probability. A grid per prompt.
 
     vocab: the shapes, colours and held-out pairs the prompts name (default prompts: every pair of it)."""
     prompts = list(prompts or vocab.prompts())
     _, t2i, tctx = load_model(t2i_ckpt, prep_dir, codebooks, role="image-generator")
     _, vit, vctx = load_model(classifier_ckpt, prep_dir, role="image-classifier")
-    _, clip, cctx = load_model(clip_ckpt, prep_dir, role="image-text")
-    pixels = generate_images(t2i, tctx, prompts)  # (N, 3, S, S)
+    clip, cctx = load_model(clip_ckpt, prep_dir, role="image-text")[1:] if clip_ckpt else (None, None)
+    asked = [p for p in prompts for _ in range(samples)]  # prompt-major: asked[i * samples + j]
     with amp():
-        vit_pred = vit({"image": (pixels / 255 - vctx.mean) / vctx.std})[0].argmax(-1).tolist()
-    classes = vctx.data.modality("image")["classes"]
-    classifiers = zero_shot_classifiers(clip, vocab.label_sets())
-    clip_pred, _ = zero_shot(clip, (pixels / 255 - cctx.mean) / cctx.std, classifiers)
-    got = {"vit_shape": [classes[i] for i in vit_pred], **clip_pred}
-    wanted = [vocab.wanted(p) for p in prompts]
+        pixels = generate_images(t2i, tctx, asked, how, torch.Generator().manual_seed(SEED))  # (N, 3, S, S)
+    got = _judge_images(pixels, vit, vctx, clip, cctx, vocab)
+    wanted = [vocab.wanted(p) for p in asked]
     want = {"shape": [s for s, _ in wanted], "colour": [c for _, c in wanted]}
+    got["pair"], want["pair"] = list(zip(got["shape"], got["colour"])), list(zip(want["shape"], want["colour"]))
+    for k in ("shape", "colour") if clip is not None else ():
+        want[f"clip_{k}"] = want[k]
     heldout = [pair in vocab.heldout for pair in wanted]
-    rows = hit_rates({"vit_shape": got["vit_shape"], "clip_shape": got["shape"], "clip_colour": got["colour"]},
-                     {"vit_shape": want["shape"], "clip_shape": want["shape"], "clip_colour": want["colour"]}, heldout)
-    metrics = {"n": float(len(prompts))}
-    metrics.update({f"{'' if sub == 'all' else 'heldout_'}{k}_recovered": acc for k, sub, _, acc in rows})
-    titles = [f"{p}\nvit: {v}\nclip: {c} {s}" for p, v, c, s in zip(prompts, got["vit_shape"], got["colour"],
-                                                                      got["shape"])]
+    metrics = {"n": float(len(asked)), "samples_per_prompt": float(samples), "guidance": how.guidance,
+               "temperature": how.temperature, **subset_rates(got, want, heldout),
+               "vit_top1_probability": sum(got["shape_p"]) / len(asked)}
     record: dict = {}
     with atomic_dir(out_dir, record) as tmp:
-        image_grid(pixels, titles, tmp / "roundtrip_t2i.png", ncols=len(vocab.colours))
-        rows = [(p, v, f"{c} {s}") for p, v, c, s in zip(prompts, got["vit_shape"], got["colour"], got["shape"])]
-        summary = finish(tmp, record, "round trip: text -> image -> classifiers", metrics,
-                          ["### Prompts", table(("prompt", "vit shape", "clip colour shape"), rows)])
+        rows = _t2i_grids(tmp, prompts, samples, pixels, got, want)
+        image_grid(pixels[::samples], [f"{p}\n{s} {c}" for p, s, c in zip(prompts, got["shape"][::samples],
+                                                                         got["colour"][::samples])],
+                   tmp / "roundtrip_t2i.png", ncols=len(vocab.colours))
+        summary = finish(tmp, record, "round trip: text -> image -> judges (ViT shape, pixel colour)", metrics,
+                         ["### Prompts", table(("prompt", "shape recovered", "colour recovered", "both", "grid"),
+                                               rows), "Overview (one sample a prompt): ![](roundtrip_t2i.png)"])
+    return {**record, "summary": summary}
+
+
+def _t2i_grids(tmp: Path, prompts: list[str], samples: int, pixels: torch.Tensor, got: dict,
+               want: dict) -> list[tuple]:
+    """A grid of GRID_SAMPLES images per prompt into tmp/grids/<prompt>.png -> the summary's rows, linking them."""
+    rows = []
+    for i, p in enumerate(prompts):
+        sl = slice(i * samples, (i + 1) * samples)
+        hit = {k: [g == w for g, w in zip(got[k][sl], want[k][sl])] for k in ("shape", "colour", "pair")}
+        titles = [f"vit: {s} ({q:.2f})\ncolour: {c}" for s, q, c in zip(got["shape"][sl], got["shape_p"][sl],
+                                                                       got["colour"][sl])]
+        path = Path("grids") / f"{slug(p)}.png"
+        (tmp / "grids").mkdir(exist_ok=True)
+        image_grid(pixels[sl][:GRID_SAMPLES], titles[:GRID_SAMPLES], tmp / path, ncols=GRID_SAMPLES)
+        rows.append((p, *(sum(hit[k]) / samples for k in ("shape", "colour", "pair")), f"[grid]({path})"))
+    return rows
+
+
+IMAGEGPT_SAMPLES = 96  # unconditional ImageGPT samples judged
+IMAGEGPT_COMPLETIONS = 48  # test images whose top half ImageGPT completes
+CONFIDENT = 0.5  # a sample the ViT names with at least this top-1 probability "is" a shape (it says so of noise too)
+PURE = 0.8  # a sample whose dominant colour is at least this share of its foreground is one coloured thing
+
+
+def _upsampled(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """ImageGPT's (N, 3, side, side) palette pixels -> (N, 3, size, size) for the judges (nearest neighbour)."""
+    return torch.nn.functional.interpolate(pixels, size=(size, size), mode="nearest")
+
+
+@torch.no_grad()
+def roundtrip_imagegpt(imagegpt_ckpt: Path, classifier_ckpt: Path, prep_dir: Path, codebooks: dict[str, str] | None,
+                       out_dir: Path, vocab: Vocabulary, samples: int = IMAGEGPT_SAMPLES,
+                       completions: int = IMAGEGPT_COMPLETIONS, how: Sampling = IMAGEGPT_SAMPLING) -> dict:
+    """ImageGPT judged by the trained ViT (images upsampled to its size): unconditional samples (the share the ViT
+    names with top-1 probability >= CONFIDENT, which scattered pixels reach too; the share that is one coloured thing,
+    colour_purity >= PURE; both; the shapes the coherent confident ones cover), and completions of test images from
+    their top half (the share whose shape the ViT recovers; `prompt_only`: the same ViT on the top half with the
+    bottom filled by the top-left pixel, what the given half alone tells). Grids of both."""
+    name, gpt, ctx = load_model(imagegpt_ckpt, prep_dir, codebooks, role="image-sampler")
+    _, vit, vctx = load_model(classifier_ckpt, prep_dir, role="image-classifier")
+    size, g = vctx.data.image_size, torch.Generator().manual_seed(SEED)
+    with amp():
+        drawn = imagegpt_pixels(gpt, ctx, gpt.generate(samples, how.temperature, how.top_k, generator=g))
+    got = _judge_images(_upsampled(drawn, size), vit, vctx, None, None, vocab)
+    coherent = [c is not None and q >= PURE for c, q in zip(got["colour"], got["purity"])]
+    confident = [p >= CONFIDENT for p in got["shape_p"]]
+    covered = sorted({s for s, c, k in zip(got["shape"], confident, coherent) if c and k})
+    metrics = {"n_samples": float(samples), "confident_share": sum(confident) / samples,
+               "coherent_share": sum(coherent) / samples,
+               "coherent_confident_share": sum(a and b for a, b in zip(coherent, confident)) / samples,
+               "shapes_covered": float(len(covered))}
+    test = Run(name, gpt, ctx, "test", completions, Path(out_dir)).first()
+    real = torch.from_numpy(np.stack([t["img"] for t in test])).float()  # (M, 3, S, S) 0..255
+    truth = [vocab.truth(t["info"].get("meta") or {})["shape"] for t in test]
+    half = math.isqrt(gpt.cfg.seq_len) // 2
+    with amp():
+        done = complete_images(gpt, ctx, real, half, how, g)  # (M, 3, side, side)
+    given = done.clone()
+    given[:, :, half:] = given[:, :, :1, :1]  # the bottom half as the top-left (background) pixel
+    filled = _judge_images(_upsampled(done, size), vit, vctx, None, None, vocab)
+    alone = _judge_images(_upsampled(given, size), vit, vctx, None, None, vocab)
+    metrics.update(n_completions=float(len(test)),
+                   completion_shape_recovered=sum(a == b for a, b in zip(filled["shape"], truth)) / len(test),
+                   prompt_only_shape_recovered=sum(a == b for a, b in zip(alone["shape"], truth)) / len(test))
+    record: dict = {}
+    with atomic_dir(out_dir, record) as tmp:
+        titles = [f"vit: {s} ({q:.2f})\npurity {u:.2f}" for s, q, u in zip(got["shape"], got["shape_p"],
+                                                                           got["purity"])]
+        image_grid(drawn[:4 * GRID_SAMPLES], titles, tmp / "samples.png", ncols=GRID_SAMPLES)
+        n = min(GRID_SAMPLES, len(test))
+        down = torch.nn.functional.interpolate(real[:n], size=given.shape[-2:], mode="area")
+        image_grid(torch.cat([down, given[:n], done[:n]]), [f"test: {t}" for t in truth[:n]]
+                   + ["given"] * n + [f"vit: {s}" for s in filled["shape"][:n]], tmp / "completions.png", ncols=n)
+        summary = finish(tmp, record, "round trip: ImageGPT -> ViT", metrics,
+                         [f"Shapes the ViT names (p >= {CONFIDENT}) in the one-coloured-thing samples: "
+                          f"{', '.join(covered) or 'none'}",
+                          "Samples: ![](samples.png)", "Completions (test, given top half, completed): "
+                          "![](completions.png)"])
     return {**record, "summary": summary}
 
 
@@ -89,8 +266,10 @@ def roundtrip_tts(tts_ckpt: Path, asr_ckpt: Path, prep_dir: Path, codebooks: dic
             audio_out.write_wavs(shown[0], mel_cfg.sample_rate, tmp / "wav", "roundtrip")
             audio_out.spectrogram_plot(shown[1], shown[2], texts[:N_SHOW], tmp / "spectrograms.png",
                                        labels=("tts", "after Griffin-Lim"))
+        links = [f"[{t}](wav/roundtrip_{i:02d}.wav)" for i, t in enumerate(texts[:N_SHOW])]
         summary = finish(tmp, record, "round trip: text -> speech -> text", metrics,
-                          ["### Examples", table(("text", "asr after Griffin-Lim", "asr on tts mel"), rows)])
+                          ["### Examples", table(("text", "asr after Griffin-Lim", "asr on tts mel"), rows),
+                           "Speech: " + ", ".join(links), "Spectrograms: ![](spectrograms.png)"])
     return {**record, "summary": summary}
 
 
@@ -108,6 +287,10 @@ ROUND_TRIPS: dict[str, RoundTrip] = {
                      lambda c, prep, cbs, out, vocab: roundtrip_t2i(c["image-generator"], c["image-classifier"],
                                                                     c["image-text"], prep, cbs, out, vocab),
                      needs_vocab=True),
+    "image-sampler": RoundTrip(("image-sampler", "image-classifier"),
+                               lambda c, prep, cbs, out, vocab: roundtrip_imagegpt(
+                                   c["image-sampler"], c["image-classifier"], prep, cbs, out, vocab),
+                               needs_vocab=True),
     "tts": RoundTrip(("speech-generator", "speech-recogniser"),
                      lambda c, prep, cbs, out, vocab: roundtrip_tts(c["speech-generator"], c["speech-recogniser"],
                                                                     prep, cbs, out, vocab)),

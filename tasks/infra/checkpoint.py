@@ -1,7 +1,10 @@
 """The trainer's checkpoint format and files: save and load (weights only), RNG states, at a path or an fsspec URL.
 
     out_dir/ckpt.pt     {"model", "config", "state_dict", "optimizer", "step", "epoch", "batch", "rng", "run_id",
-                         "train_config", "val", "codebooks", "prep_dir"}: tensors, numbers, strings, lists, dicts
+                         "train_config", "val", "codebooks", "prep_dir", "best_val", "best_step", "bad_evals",
+                         "stopped_early"}: tensors, numbers, strings, lists, dicts; the last checkpoint, resumed from
+    out_dir/best.pt     WEIGHTS: the weights of the best evaluation (the model table's `monitor`), what evaluation
+                         reads; no optimiser or RNG states
     out_dir/train.json  {"run_id", "checkpoint_step"}: which MLflow run to continue, and whether a ckpt must exist
 
 A checkpoint is written whole or not at all: locally to a temporary file, fsync'ed, then renamed over the old one;
@@ -22,7 +25,9 @@ import torch
 from tasks.infra import storage
 
 CKPT = "ckpt.pt"
+BEST = "best.pt"
 STATE = "train.json"
+WEIGHTS = ("model", "config", "state_dict", "step", "run_id", "train_config", "val", "codebooks", "prep_dir")
 
 
 class CheckpointError(RuntimeError):

@@ -20,8 +20,11 @@ What happens when things go wrong:
   SIGTERM, SIGHUP, Prefect's termination signal); runs still open when the interpreter exits end KILLED. A process
   that dies without a word (SIGKILL, power loss) cannot end its runs, so every run carries its owner (`OWNER_TAG`:
   host, boot, pid, process start time, tasks/infra/procs.py) and the next start in the experiment ends the RUNNING
-  runs whose owner on this host is gone (KILLED, tagged `tessera.closed_by`). A resumed run takes the new owner and,
-  given a parent, moves under it (`mlflow.parentRunId`).
+  runs whose owner on this host is gone (KILLED, tagged `tessera.closed_by`). A run owned on another host cannot be
+  checked from here; its owner renews a heartbeat tag every minute while the run is open, and a start ends it once
+  the heartbeat is older than TESSERA_RUN_STALE_S (15 minutes; clocks are assumed in sync, and an MLflow outage that
+  long on that host looks the same: its run then ends as FINISHED or FAILED when its owner closes it). A resumed run
+  takes the new owner and, given a parent, moves under it (`mlflow.parentRunId`).
 """
 
 from __future__ import annotations
@@ -39,8 +42,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
-import torch
-import torch.nn as nn
 from mlflow import MlflowClient
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus, RunTag
 
@@ -48,6 +49,10 @@ from tasks.infra import procs
 
 PARENT_TAG = "mlflow.parentRunId"
 OWNER_TAG = "tessera.owner"  # procs.owner() of the process the run belongs to now
+HEARTBEAT_TAG = "tessera.heartbeat"  # unix seconds, renewed every HEARTBEAT_S while the run is open
+HEARTBEAT_S = 60.0
+DATASET_TAG, DIGEST_TAG = "tessera.dataset", "tessera.dataset_digest"  # on the pipeline's run, set by the flow
+INHERITED = (DATASET_TAG, DIGEST_TAG)  # a nested run carries its parent's
 MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
 MAX_PARAM_LEN = 6000
 SPOOL = "mlflow-unsent.jsonl"  # in a run's output folder: metrics MLflow had not taken at a checkpoint
@@ -369,21 +374,56 @@ def end_status(exc: BaseException | None) -> str:
 
 # ---------------------------------------------------------------------------------------------------- owners
 _OPEN: dict[str, Run] = {}  # the runs this process has open
+_HEARTBEAT: threading.Thread | None = None
+_WAKE = threading.Event()  # set: beat now (and read HEARTBEAT_S again)
 _SWEPT: set[tuple[str, str]] = set()  # (tracking URI, experiment id) already swept by this process
 
 
+def stale_s() -> float:
+    """How long a run of another host may go without a heartbeat before a start ends it (TESSERA_RUN_STALE_S)."""
+    return float(os.environ.get("TESSERA_RUN_STALE_S", "900"))
+
+
+def _why_dead(run, now: float) -> str | None:
+    """Why a RUNNING run is over, or None: its owner on this host is gone, or (another host) its heartbeat stopped."""
+    owner = run.data.tags.get(OWNER_TAG, "")
+    alive = procs.alive(owner)
+    if alive is False:
+        return "its owner was gone"
+    beat = run.data.tags.get(HEARTBEAT_TAG)
+    if alive is None and beat and beat.isdigit() and now - int(beat) > stale_s():
+        return f"no heartbeat from {owner} for {(now - int(beat)) / 60:.0f} min"
+    return None
+
+
 def close_dead_owners(c: MlflowClient, experiment: str, keep: tuple[str, ...] = ()) -> list[str]:
-    """End KILLED the RUNNING runs of experiment id `experiment` whose owner ran on this host and is gone (runs of
-    other hosts cannot be checked from here and are left alone). Returns their ids."""
-    host = procs.owner().split("/")[0].replace("'", "''")
-    found = c.search_runs([experiment], f"attributes.status = 'RUNNING' and tags.`{OWNER_TAG}` LIKE '{host}/%'",
-                          max_results=1000)
-    dead = [r.info.run_id for r in found
-            if r.info.run_id not in keep and procs.alive(r.data.tags.get(OWNER_TAG, "")) is False]
-    for run_id in dead:
-        c.set_tag(run_id, "tessera.closed_by", f"{procs.owner()}: its owner was gone")
+    """End KILLED the RUNNING runs of experiment id `experiment` that nobody runs any more: their owner ran on this
+    host and is gone, or ran on another host and its heartbeat (`HEARTBEAT_TAG`, every HEARTBEAT_S while the run is
+    open) is older than stale_s(). Returns their ids."""
+    found = c.search_runs([experiment], "attributes.status = 'RUNNING'", max_results=1000)
+    now = time.time()
+    dead = {r.info.run_id: why for r in found if r.info.run_id not in keep and (why := _why_dead(r, now))}
+    for run_id, why in dead.items():
+        c.set_tag(run_id, "tessera.closed_by", f"{procs.owner()}: {why}")
         c.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
-    return dead
+    return list(dead)
+
+
+def _beat() -> None:
+    """The heartbeat thread: every HEARTBEAT_S, the time on each run this process has open (an outage skips beats)."""
+    while True:
+        _WAKE.wait(HEARTBEAT_S)
+        _WAKE.clear()
+        for run in list(_OPEN.values()):
+            with contextlib.suppress(Exception):
+                run.client.set_tag(run.run_id, HEARTBEAT_TAG, str(int(time.time())))
+
+
+def _start_heartbeat() -> None:
+    global _HEARTBEAT
+    if _HEARTBEAT is None or not _HEARTBEAT.is_alive():
+        _HEARTBEAT = threading.Thread(target=_beat, name="tessera-mlflow-heartbeat", daemon=True)
+        _HEARTBEAT.start()
 
 
 def _sweep_once(c: MlflowClient, experiment: str, keep: tuple[str, ...] = ()) -> None:
@@ -430,6 +470,11 @@ def _signals_interrupt() -> Iterator[None]:
                 signal.signal(sig, signal.SIG_DFL)
 
 
+def inherited_tags(c: MlflowClient, parent_run_id: str) -> dict[str, str]:
+    """The tags a nested run takes from its parent: the dataset's name and digest (`INHERITED`)."""
+    return {k: v for k, v in c.get_run(parent_run_id).data.tags.items() if k in INHERITED}
+
+
 def _resume(c: MlflowClient, run_id: str, parent_run_id: str | None, spool: Path | None) -> Run:
     """Run `run_id` continued: RUNNING again, owned by this process, under `parent_run_id` when given."""
     try:
@@ -441,9 +486,10 @@ def _resume(c: MlflowClient, run_id: str, parent_run_id: str | None, spool: Path
     if run.info.lifecycle_stage == "deleted":
         raise ValueError(f"MLflow run {run_id} was deleted; remove the output folder to start a new run")
     _sweep_once(c, run.info.experiment_id, keep=(run_id,))
-    tags = {OWNER_TAG: procs.owner()}
+    tags = {OWNER_TAG: procs.owner(), HEARTBEAT_TAG: str(int(time.time()))}
     if parent_run_id and run.data.tags.get(PARENT_TAG) != parent_run_id:
         tags[PARENT_TAG] = parent_run_id  # the parent it was started under may be gone (a killed pipeline)
+        tags.update(inherited_tags(c, parent_run_id))
     c.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()], synchronous=True)
     c.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
     return Run(run_id, c, resumed=True, spool=spool)
@@ -453,9 +499,9 @@ def _create(c: MlflowClient, experiment: str, run_name: str, parent_run_id: str 
             spool: Path | None) -> Run:
     if parent_run_id is None and (active := mlflow.active_run()) is not None:
         parent_run_id = active.info.run_id
-    all_tags = {**(tags or {}), OWNER_TAG: procs.owner()}
+    all_tags = {**(tags or {}), OWNER_TAG: procs.owner(), HEARTBEAT_TAG: str(int(time.time()))}
     if parent_run_id:
-        all_tags[PARENT_TAG] = parent_run_id
+        all_tags = {**inherited_tags(c, parent_run_id), **all_tags, PARENT_TAG: parent_run_id}
     exp = experiment_id(c, experiment)
     _sweep_once(c, exp)
     run = c.create_run(exp, run_name=run_name, tags=all_tags)
@@ -486,6 +532,7 @@ def start_run(
     handle = (_resume(c, run_id, parent_run_id, spool) if run_id is not None
               else _create(c, experiment, run_name, parent_run_id, tags, spool))
     _OPEN[handle.run_id] = handle
+    _start_heartbeat()
     try:
         with _signals_interrupt():
             yield handle
@@ -502,66 +549,8 @@ def start_run(
         _OPEN.pop(handle.run_id, None)
 
 
-class _OneInput(nn.Module):
-    """Positional adapter for export: forward(x) -> model({key: x})[0] (our models take a batch dict)."""
-
-    def __init__(self, model: nn.Module, keys: list[str]):
-        super().__init__()
-        self.model, self.keys = model, keys
-
-    def forward(self, x):
-        return self.model({self.keys[0]: x})[0]
-
-
-class _TwoInputs(_OneInput):
-    def forward(self, x, y):
-        return self.model({self.keys[0]: x, self.keys[1]: y})[0]
-
-
-def log_model(model: nn.Module, name: str, registered_name: str | None, run_id: str,
-              example: dict[str, torch.Tensor]) -> dict:
-    """Log a model as an MLflow 3 LoggedModel of run `run_id` and register it in the Model Registry.
-
-    MLflow 3 takes `name=` (`artifact_path=` is deprecated) and saves PyTorch models as a `torch.export` program
-    ("pt2") by default, which loads without unpickling code. Export needs positional tensors, so the model is
-    wrapped to take the `example` batch's tensors in order (e.g. image; or src, tgt) and return the model's output;
-    the signature is inferred from the example (batch dimension dynamic: give at least two rows). Requirements are
-    given, not inferred (inference re-imports the model in a subprocess, which is slow).
-    Returns {"model_uri", "registered_name", "version"}.
-    """
-    import mlflow.pytorch
-    from mlflow.models import infer_signature
-
-    keys = list(example)
-    if len(keys) not in (1, 2):
-        raise ValueError(f"log_model takes a one- or two-tensor example batch, got keys {keys}")
-    wrapped = (_OneInput if len(keys) == 1 else _TwoInputs)(model.eval(), keys)
-    tensors = tuple(example[k].cpu() for k in keys)
-    with torch.no_grad():
-        output = wrapped(*tensors)
-    signature = infer_signature({k: t.numpy() for k, t in zip(keys, tensors)}, output.float().numpy())
-    c = client()
-    # the LoggedModel belongs in the run's experiment (log_model alone puts it in the fluent active experiment,
-    # "Default", with its artifacts under the working directory)
-    logged = c.create_logged_model(c.get_run(run_id).info.experiment_id, name=name, source_run_id=run_id)
-    with _tracking_env():
-        info = mlflow.pytorch.log_model(
-            wrapped,
-            name=name,
-            model_id=logged.model_id,
-            registered_model_name=registered_name,
-            run_id=run_id,
-            input_example=tuple(t.numpy() for t in tensors),
-            signature=signature,
-            serialization_format="pt2",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-        )
-    return {"model_uri": info.model_uri, "registered_name": registered_name,
-            "version": getattr(info, "registered_model_version", None)}
-
-
 @contextlib.contextmanager
-def _tracking_env() -> Iterator[None]:
+def tracking_env() -> Iterator[None]:
     """Make MLflow's fluent helpers (used inside log_model) see our tracking URI, without touching global state."""
     old = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = tracking_uri()

@@ -1,8 +1,18 @@
 """From prepared samples to a model's batch: the data facts a model needs (stats.json, codebooks) and collation.
 
 `make_batch(samples, ctx)` (one per model, named in tasks/train/table.py) turns the loader's decoded samples
-(tasks/data/loader.py: img uint8 (3, S, S) or mel float16 (n_mels, n_frames), info {label_id, text, ...}) into the
+(tasks/data/loader.py: img uint8 (3, S, S) or mel float16 (n_mels, T), info {label_id, text, ...}) into the
 model's batch dict (models/: `model(batch) -> (output, loss)`). It runs in the training process, on CPU.
+
+Clips longer than the window. A stored log-mel has T >= n_frames frames (the window, stats.json; preprocess keeps up
+to max_windows windows of a clip). The same functions serve training and evaluation:
+- the classifier (AST) trains on a random crop of n_frames (`crop_start`), drawn anew each time the clip is drawn: the
+  train loader tags each sample with `draw`, a seed of (seed, epoch, key), so crops are deterministic per seed and
+  epoch and a resumed run crops as the uninterrupted one would;
+- its evaluation (samples without `draw`: every evaluation reads with train=False) covers the clip with non-overlapping
+  windows, the last aligned to the clip's end (`window_starts`), and the model averages its logits over a clip's
+  windows (batch["clip_of"], models/ast.py); averaged logits and averaged log-probabilities give the same softmax;
+- the speech models (ASR, TTS) read the first window (`mels(samples, n_frames)`): the transcript is the whole clip's.
 """
 
 from __future__ import annotations
@@ -121,9 +131,53 @@ def images(samples: list[dict], ctx: BatchContext) -> torch.Tensor:
     return (pixels(samples) / 255.0 - ctx.mean) / ctx.std
 
 
-def mels(samples: list[dict]) -> torch.Tensor:
-    """float16 log-mels (already normalised by preprocess) -> float (B, n_mels, n_frames)."""
-    return torch.from_numpy(np.stack([s["mel"] for s in samples])).float()
+def window_starts(length: int, n_frames: int) -> list[int]:
+    """Start frames of the non-overlapping n_frames windows covering a clip of `length` frames, the last aligned to
+    the clip's end (overlapping the one before when length is no multiple): (300, 128) -> [0, 128, 172]."""
+    if length < n_frames:
+        raise ValueError(f"a clip of {length} frames is shorter than the {n_frames}-frame window; "
+                         "re-run `tessera data`")
+    starts = list(range(0, length - n_frames + 1, n_frames))
+    return starts + [length - n_frames] if starts[-1] + n_frames < length else starts
+
+
+def crop_start(length: int, n_frames: int, draw: int) -> int:
+    """A start frame uniform in [0, length - n_frames], from the seed `draw` (0 for a clip of one window)."""
+    if length < n_frames:
+        raise ValueError(f"a clip of {length} frames is shorter than the {n_frames}-frame window; "
+                         "re-run `tessera data`")
+    if length == n_frames:
+        return 0  # nothing to draw (and no generator to build: most clips)
+    return int(np.random.default_rng(draw).integers(0, length - n_frames + 1))
+
+
+def window(ctx: BatchContext) -> int:
+    """The frames a model reads at once: its config's n_frames where it has one, else the data's window."""
+    return getattr(ctx.cfg, "n_frames", None) or ctx.data.mel_grid[1]
+
+
+def mels(samples: list[dict], n_frames: int | None = None) -> torch.Tensor:
+    """float16 log-mels (already normalised by preprocess) -> float (B, n_mels, n_frames): each clip's first n_frames
+    frames (the speech models' window); n_frames None: the clips as stored, which must then be one length."""
+    if n_frames is None and len({s["mel"].shape for s in samples}) > 1:
+        raise ValueError(f"clips of {sorted({s['mel'].shape[1] for s in samples})} frames: pass n_frames (the window)")
+    return torch.from_numpy(np.stack([s["mel"][:, :n_frames] for s in samples])).float()
+
+
+def random_crops(samples: list[dict], n_frames: int) -> torch.Tensor:
+    """Training: one n_frames crop of each clip, at crop_start(T, n_frames, sample["draw"]) -> float
+    (B, n_mels, n_frames)."""
+    starts = [crop_start(s["mel"].shape[1], n_frames, s["draw"]) for s in samples]
+    return torch.from_numpy(np.stack([s["mel"][:, t:t + n_frames] for s, t in zip(samples, starts)])).float()
+
+
+def clip_windows(samples: list[dict], n_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Evaluation: every window of every clip (window_starts) -> (float (W, n_mels, n_frames), long (W,) the index
+    in samples of the clip each window comes from)."""
+    starts = [window_starts(s["mel"].shape[1], n_frames) for s in samples]
+    x = np.stack([s["mel"][:, t:t + n_frames] for s, ts in zip(samples, starts) for t in ts])  # (W, n_mels, n_frames)
+    clip = torch.tensor([i for i, ts in enumerate(starts) for _ in ts], dtype=torch.long)  # (W,)
+    return torch.from_numpy(x).float(), clip
 
 
 def labels(samples: list[dict]) -> torch.Tensor:
@@ -144,7 +198,14 @@ def vit_batch(samples, ctx):
 
 
 def ast_batch(samples, ctx):
-    return {"mel": mels(samples), "label": labels(samples)}
+    """Drawn for training (every sample has `draw`): one random crop per clip, mel (B, n_mels, n_frames). Otherwise
+    every window: mel (W, n_mels, n_frames) and, when some clip has more than one, clip_of (W,) for the model to
+    average over."""
+    n = window(ctx)
+    if all("draw" in s for s in samples):
+        return {"mel": random_crops(samples, n), "label": labels(samples)}
+    mel, clip = clip_windows(samples, n)
+    return {"mel": mel, "label": labels(samples), **({"clip_of": clip} if len(clip) > len(samples) else {})}
 
 
 def imagegpt_batch(samples, ctx):
@@ -160,18 +221,37 @@ def imagegpt_batch(samples, ctx):
 
 
 def asr_batch(samples, ctx):
-    return {"src": mels(samples), "tgt": texts(samples, ctx.cfg.tgt_len)}
+    return {"src": mels(samples, ctx.data.mel_grid[1]), "tgt": texts(samples, ctx.cfg.tgt_len)}
+
+
+# Classifier-free guidance (tasks/eval/generate.py): this share of training captions is replaced by the empty caption,
+# so the one model also learns p(image) and sampling can push away from it (measured with guidance 3: README).
+T2I_CAPTION_DROPOUT = 0.1
+
+
+def drop_captions(samples: list[dict], share: float) -> list[dict]:
+    """Training samples (every one drawn, with `draw`): each caption replaced by "" with probability `share`, from its
+    draw seed (a resumed run drops the same ones); evaluation samples (no `draw`) are returned as they are."""
+    if share <= 0 or not all("draw" in s for s in samples):
+        return samples
+    drop = [np.random.default_rng([s["draw"], 1]).random() < share for s in samples]
+    return [{**s, "info": {**s["info"], "text": ""}} if d else s for s, d in zip(samples, drop)]
 
 
 def t2i_batch(samples, ctx):
     codes = ctx.data.codebook("image")
     tgt = image_to_tokens(codes.codebook, pixels(samples), codes.patch)  # (B, (S/P)^2) in raster order
-    return {"src": texts(samples, ctx.cfg.src_len), "tgt": tgt}
+    return {"src": texts(drop_captions(samples, T2I_CAPTION_DROPOUT), ctx.cfg.src_len), "tgt": tgt}
+
+
+TTS_TEXT_DROPOUT = 0.0  # the same for text-to-speech's transcripts (guided decoding: tasks/eval/generate.py)
 
 
 def tts_batch(samples, ctx):
     codes = ctx.data.codebook("mel")
-    return {"src": texts(samples, ctx.cfg.src_len), "tgt": spec_to_tokens(codes.codebook, mels(samples), codes.patch)}
+    mel = mels(samples, ctx.data.mel_grid[1])  # (B, n_mels, n_frames): the first window
+    src = texts(drop_captions(samples, TTS_TEXT_DROPOUT), ctx.cfg.src_len)
+    return {"src": src, "tgt": spec_to_tokens(codes.codebook, mel, codes.patch)}
 
 
 def clip_batch(samples, ctx):

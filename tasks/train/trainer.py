@@ -1,12 +1,15 @@
 """One trainer for every model in tasks/train/table.py, in nanoGPT's sections.
 
-    train(model, prep_dir, out_dir, TrainConfig(...)) -> {"checkpoint", "run_id", "steps", "final_val_loss", "metrics"}
+    train(model, prep_dir, out_dir, TrainConfig(...)) -> {"checkpoint" (best.pt), "last_checkpoint", "run_id",
+                                                           "steps", "best_step", "best_val", "stopped_early", ...}
 
-setup (device, DDP, threads, precision: tasks/infra/hardware.py) -> data (shards -> make_batch) -> model + AdamW ->
-resume -> MLflow run (params) -> loop: one optimiser step = lr = get_lr(step); grad_accum micro-batches (bf16
-autocast where it pays, DDP no_sync but the last); clip; step -> then log (buffered, sent every log_every steps),
-evaluate on the val split every eval_every steps, checkpoint every ckpt_every steps and at the end -> report (the
-checkpoint as an artifact, the registered model, the record).
+setup (device, DDP, threads, precision: tasks/infra/hardware.py) -> data (shards -> make_batch) -> budget (epochs
+over the train split -> steps, within a cap and a floor: plan_budget) -> model + AdamW -> resume -> MLflow run
+(params) -> loop: one optimiser step = lr = get_lr(step); grad_accum micro-batches (bf16 autocast where it pays, DDP
+no_sync but the last); clip; step -> then log (buffered, sent every log_every steps), evaluate on the val split every
+eval_every steps (a better val metric, table `monitor`: best.pt; `patience` evaluations without one: stop early),
+checkpoint every ckpt_every steps, at a new best, at a stop and at the end -> report (the checkpoints as artifacts,
+the record; registration comes after evaluation: tasks/eval/registry.py).
 
 Metric steps: every metric of optimiser step k (1-based: k steps have been applied) is logged at step k: train/loss,
 train/lr and train/grad_norm of the k-th step; perf/* and data/epoch measured up to step k; val/* computed after
@@ -18,7 +21,9 @@ exception while training runs in the main thread); it is never left RUNNING, exc
 ends (KILLED; tasks/infra/tracking.py).
 
 Resume: `out_dir/ckpt.pt` (written atomically) holds the weights, the optimiser, the step, the data position
-(epoch, batch) and every RNG state; `out_dir/train.json` holds the MLflow run id from the moment the run exists.
+(epoch, batch), every RNG state, the best evaluation and the patience count; `out_dir/best.pt` the weights of the
+best evaluation (written after the checkpoint of its step, so a resume can rewrite it: check_best);
+`out_dir/train.json` holds the MLflow run id from the moment the run exists.
 Calling train() again with the same out_dir after a crash or kill continues that run from the checkpoint: the data
 order depends only on (seed, epoch), so on CPU the resumed losses equal the uninterrupted ones step for step. A
 step's train/loss is buffered after its other metrics, so a stored train/loss at step k means every metric of steps
@@ -36,10 +41,12 @@ import contextlib
 import json
 import math
 import os
+import posixpath
 import signal
+import tarfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -52,8 +59,10 @@ from tasks.data import loader, shards
 from tasks.infra import storage
 from tasks.infra import tracking
 from tasks.infra.checkpoint import (  # noqa: F401 - CheckpointError, load_checkpoint: re-exported for trainer users
+    BEST,
     CKPT,
     STATE,
+    WEIGHTS,
     CheckpointError,
     load_checkpoint,
     rng_state,
@@ -63,7 +72,7 @@ from tasks.infra.checkpoint import (  # noqa: F401 - CheckpointError, load_check
 from tasks.infra.common import read_success, tree_digest, write_json
 from tasks.infra.hardware import compute_dtype, cpu_threads, distributed, peak_flops, pick_device, sync
 from tasks.train.batches import BatchContext, DataInfo
-from tasks.train.table import MODELS, ModelSpec, configure, spec
+from tasks.train.table import ITEMS, MODELS, ModelSpec, configure, spec
 
 LOSS_KEY = "train/loss"
 BETAS = (0.9, 0.95)
@@ -71,7 +80,10 @@ BETAS = (0.9, 0.95)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 600  # optimiser steps
+    max_steps: int = 600  # optimiser steps; with `epochs`, the cap on them
+    epochs: float | None = None  # the budget in passes over the train split (see plan_budget); None: max_steps steps
+    min_steps: int = 100  # with `epochs`: the floor on the steps (the cap wins when it is lower)
+    patience: int | None = 5  # stop after this many evaluations without a better val metric; None or 0: never
     batch_size: int = 64  # samples per micro-batch (per rank)
     grad_accum: int = 1  # micro-batches per step
     lr: float = 1e-3  # peak learning rate, after linear warmup
@@ -92,9 +104,13 @@ class TrainConfig:
     augment: bool = True  # the model's train-time augmentation (table `augment`; none for generative models)
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "ckpt_every", "log_every"):
+        for name in ("max_steps", "min_steps", "batch_size", "grad_accum", "eval_every", "ckpt_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ValueError(f"TrainConfig.epochs={self.epochs} must be > 0 (None: a fixed max_steps)")
+        if self.patience is not None and self.patience < 0:
+            raise ValueError(f"TrainConfig.patience={self.patience} must be >= 0 (0 or None: no early stopping)")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"TrainConfig needs 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -106,8 +122,12 @@ class TrainConfig:
 
 
 def default_train_config(model: str, **overrides) -> TrainConfig:
-    """TrainConfig with the model's suggested fields (table `train`), then `overrides`."""
-    return TrainConfig(**{**spec(model).train, **overrides})
+    """TrainConfig with the model's suggested fields (table `train`: an epochs budget and a max_steps cap), then
+    `overrides`. max_steps among the overrides without epochs is a step count: it wins over the table's epochs."""
+    fields = {**spec(model).train, **overrides}
+    if "max_steps" in overrides and "epochs" not in overrides:
+        fields["epochs"] = None
+    return TrainConfig(**fields)
 
 
 class Terminated(KeyboardInterrupt):
@@ -128,9 +148,9 @@ class Job:
     parent_run_id: str | None = None
     experiment: str = "tessera"
     preset: str = "default"
-    register: bool = False
     tags: dict[str, str] | None = None
     init_from: str | Path | None = None
+    budget: Budget | None = None  # set once the data is known (plan_budget); cfg.max_steps is then its steps
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -139,6 +159,10 @@ class Job:
     @property
     def ckpt_path(self) -> Path:
         return self.out_dir / CKPT
+
+    @property
+    def best_path(self) -> Path:
+        return self.out_dir / BEST
 
 
 @dataclass(frozen=True)
@@ -179,6 +203,10 @@ class State:
     stream: Stream
     step: int = 0  # optimiser steps applied
     val: dict[str, float] = field(default_factory=dict)  # the latest evaluation
+    best: dict[str, float] = field(default_factory=dict)  # the best evaluation so far (table `monitor`); {}: none
+    best_step: int = 0  # the step of the best evaluation (0: none yet)
+    bad_evals: int = 0  # evaluations since the best one (early stopping: TrainConfig.patience)
+    stopped: bool = False  # stopped early: bad_evals reached patience
 
 
 @dataclass
@@ -267,6 +295,72 @@ def load_data(job: Job) -> Data:
     return Data(info, model_cfg, BatchContext(info, model_cfg), train_urls, val_urls)
 
 
+# ---------------------------------------------------------------------------------------------------- budget
+@dataclass(frozen=True)
+class Budget:
+    """The optimiser steps a run plans, and where they come from (plan_budget)."""
+
+    steps: int  # optimiser steps planned
+    n_train: int  # items in the train split
+    per_step: int  # samples per optimiser step, all ranks together
+    epochs: float | None  # the budget in passes over the train split; None: a fixed step count (max_steps)
+    wanted: int  # the steps the epochs come to, before the cap and the floor
+    cap: int
+    floor: int
+
+    def epochs_of(self, steps: int) -> float:
+        """The passes over the train split that `steps` optimiser steps make."""
+        return steps * self.per_step / max(self.n_train, 1)
+
+    def line(self, model: str, items: str) -> str:
+        """One line, e.g. "ast: 17 epochs of 1350 clips = 718 steps (cap 3750)"."""
+        ran = f"{self.epochs_of(self.steps):.3g} epochs of {self.n_train} {items}"
+        if self.epochs is None:
+            return f"{model}: {self.steps} steps, a fixed count ({ran})"
+        head = f"{model}: {self.epochs:g} epochs of {self.n_train} {items} = {self.wanted} steps"
+        if self.wanted > self.steps:
+            return f"{head}, capped at {self.steps} ({ran})"
+        if self.wanted < self.steps:
+            return f"{head}, raised to the floor of {self.steps} ({ran}; cap {self.cap})"
+        return f"{head} (cap {self.cap})"
+
+
+def plan_budget(cfg: TrainConfig, n_train: int, world: int = 1) -> Budget:
+    """With cfg.epochs: ceil(epochs * n_train / (batch_size * grad_accum * world)) steps, at least min_steps and at
+    most max_steps (the cap wins over the floor). Without: max_steps steps."""
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    if cfg.epochs is None:
+        return Budget(cfg.max_steps, n_train, per_step, None, cfg.max_steps, cfg.max_steps, cfg.max_steps)
+    exact = cfg.epochs * n_train / per_step
+    wanted = math.ceil(exact - 1e-9 * max(1.0, exact))  # a product that is a whole number in decimals stays whole
+    steps = min(cfg.max_steps, max(cfg.min_steps, wanted))
+    return Budget(steps, n_train, per_step, cfg.epochs, wanted, cfg.max_steps, cfg.min_steps)
+
+
+def count_train(job: Job, data: Data) -> int:
+    """Items in the model's train split: stats.json `counts` (preprocess writes it), else the samples in the shards."""
+    counts = (data.info.stats.get("counts") or {}).get(job.model_spec.modality) or {}
+    if "train" in counts:
+        return int(counts["train"])
+    return sum(_samples_in(url) for url in data.train_urls)
+
+
+def _samples_in(url: str) -> int:
+    """Samples in one webdataset tar: its distinct keys (a member's name up to the first dot of its base name)."""
+    with storage.open(url) as f, tarfile.open(fileobj=f, mode="r|") as tar:
+        return len({posixpath.join(posixpath.dirname(m.name), posixpath.basename(m.name).split(".", 1)[0])
+                    for m in tar if m.isfile()})
+
+
+def with_budget(job: Job, env: Env, data: Data) -> Job:
+    """The job with its budget planned from the train split's size: cfg.max_steps becomes the planned steps (the
+    schedule's end) and cfg.epochs None; rank 0 prints the budget's line."""
+    budget = plan_budget(job.cfg, count_train(job, data), env.world)
+    if env.master:
+        print(budget.line(job.model, ITEMS.get(job.model_spec.modality, "items")), flush=True)
+    return replace(job, cfg=replace(job.cfg, max_steps=budget.steps, epochs=None), budget=budget)
+
+
 # ---------------------------------------------------------------------------------------------- model and optimiser
 def get_lr(step: int, cfg: TrainConfig) -> float:
     """The learning rate of the optimiser step taken after `step` steps (0 for the first): linear warmup to cfg.lr
@@ -331,7 +425,11 @@ def build_state(job: Job, env: Env, data: Data, ckpt: dict | None) -> State:
     step_model: nn.Module = torch.compile(net) if job.cfg.compile else net
     if env.world > 1:
         step_model = DDP(step_model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-    return State(net, step_model, opt, Stream(data.train_urls, job.cfg, epoch, batch), step, val)
+    state = State(net, step_model, opt, Stream(data.train_urls, job.cfg, epoch, batch), step, val)
+    if ckpt is not None:  # the best evaluation and the patience count (a checkpoint from before them has none)
+        state.best, state.best_step = dict(ckpt.get("best_val") or {}), ckpt.get("best_step", 0)
+        state.bad_evals, state.stopped = ckpt.get("bad_evals", 0), ckpt.get("stopped_early", False)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------- resume
@@ -350,6 +448,21 @@ def resume_point(job: Job, data: Data) -> tuple[dict | None, str | None]:
         raise CheckpointError(f"{path} holds a {ckpt['model']} with config {ckpt['config']}, not this "
                               f"{job.model} {asdict(data.model_cfg)}; use another out_dir or delete {job.out_dir}")
     return ckpt, state.get("run_id")
+
+
+def check_best(job: Job, ckpt: dict) -> None:
+    """best.pt holds the step the checkpoint names as best; a run killed between writing the checkpoint of its best
+    step and best.pt (save_state, then save_best) gets best.pt written from that checkpoint. Rank 0 only."""
+    best_step = ckpt.get("best_step", 0)
+    if not best_step:
+        return
+    have = load_checkpoint(job.best_path)["step"] if job.best_path.exists() else None
+    if have == best_step:
+        return
+    if best_step != ckpt["step"]:
+        raise CheckpointError(f"{job.best_path} holds step {have}, but {job.ckpt_path} says the best evaluation was "
+                              f"at step {best_step}; delete {job.out_dir} to train from scratch")
+    save_checkpoint(job.best_path, {k: v for k, v in ckpt.items() if k in WEIGHTS})
 
 
 def restore_rng(env: Env, ckpt: dict, seed: int) -> None:
@@ -397,25 +510,50 @@ def after_step(job: Job, env: Env, data: Data, state: State, run, meter: Through
     logs, evals, ckpts = (k % every == 0 or last for every in (cfg.log_every, cfg.eval_every, cfg.ckpt_every))
     if logs:
         run.metrics.add(progress(job, env, state, meter, train), k)
+    improved = False
     if evals and data.val_urls:
         state.val = evaluate(state.net, data.val_urls, data.ctx, job.model, cfg, env.device, env.autocast)
         run.metrics.add(state.val, k)
+        improved = judge(job, state)
+        if state.stopped:
+            run.metrics.add({"stopped_early": 1.0}, k)
     run.metrics.add(train, k)  # last: a stored train/loss at k means all of step k is stored (see skip_through)
-    if ckpts:
+    if ckpts or improved or state.stopped:  # a new best or a stop: checkpointed at once, so a resume keeps it
         run.metrics.flush()  # waits: a resumed run never lacks steps its checkpoint is past
         save_state(job, data, state, run.run_id)
+        if improved:
+            save_best(job, data, state, run.run_id)
     elif logs:
         run.metrics.flush(wait=False)  # in the background; the flush before a checkpoint waits for it
     if k % cfg.log_every == 0 or k % cfg.eval_every == 0 or k % cfg.ckpt_every == 0:
         meter.restart()  # throughput leaves out eval and checkpoint time
 
 
+def judge(job: Job, state: State) -> bool:
+    """After an evaluation: True when it is the best so far (table `monitor`); else one more evaluation without
+    improvement, and state.stopped once there have been cfg.patience of them."""
+    s = job.model_spec
+    if not state.best_step or s.score(state.val) > s.score(state.best):
+        state.best, state.best_step, state.bad_evals = dict(state.val), state.step, 0
+        return True
+    state.bad_evals += 1
+    if job.cfg.patience and state.bad_evals >= job.cfg.patience:
+        state.stopped = True
+        print(f"[{job.model}] stopped early at step {state.step}: {s.monitor} has not improved for {state.bad_evals} "
+              f"evaluations; the best was at step {state.best_step}", flush=True)
+    return False
+
+
 def run_loop(job: Job, env: Env, data: Data, state: State, run, meter: Throughput) -> None:
     state.net.train()
-    while state.step < job.cfg.max_steps:
+    while state.step < job.cfg.max_steps and not state.stopped:
         train = optimiser_step(job, env, data, state)
         meter.window += 1
         after_step(job, env, data, state, run, meter, train)
+        if env.world > 1 and (state.step % job.cfg.eval_every == 0 or state.step == job.cfg.max_steps):
+            flag = torch.tensor([int(state.stopped)], device=env.device)
+            dist.broadcast(flag, 0)  # rank 0 alone evaluates: every rank stops where it does
+            state.stopped = bool(flag.item())
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -444,16 +582,27 @@ def evaluate(model: nn.Module, urls: list[str], ctx: BatchContext, name: str, cf
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoint
+def _weights(job: Job, data: Data, state: State, run_id: str | None) -> dict:
+    """What rebuilds and evaluates the model (build_from_checkpoint): best.pt holds these keys, ckpt.pt more."""
+    return {"model": job.model, "config": asdict(data.model_cfg), "state_dict": state.net.state_dict(),
+            "step": state.step, "run_id": run_id, "train_config": asdict(job.cfg), "val": state.val,
+            "codebooks": {k: str(v) for k, v in (job.codebooks or {}).items()}, "prep_dir": str(job.prep_dir)}
+
+
 def save_state(job: Job, data: Data, state: State, run_id: str | None) -> None:
     """ckpt.pt (atomically; keys: tasks/infra/checkpoint.py), then train.json naming its step."""
     save_checkpoint(job.ckpt_path, {
-        "model": job.model, "config": asdict(data.model_cfg), "state_dict": state.net.state_dict(),
-        "optimizer": state.opt.state_dict(), "step": state.step, "epoch": state.stream.epoch,
-        "batch": state.stream.batch, "rng": rng_state(), "run_id": run_id, "train_config": asdict(job.cfg),
-        "val": state.val, "codebooks": {k: str(v) for k, v in (job.codebooks or {}).items()},
-        "prep_dir": str(job.prep_dir),
+        **_weights(job, data, state, run_id), "optimizer": state.opt.state_dict(), "epoch": state.stream.epoch,
+        "batch": state.stream.batch, "rng": rng_state(), "best_val": state.best, "best_step": state.best_step,
+        "bad_evals": state.bad_evals, "stopped_early": state.stopped,
     })
     write_json(job.out_dir / STATE, {"run_id": run_id, "checkpoint_step": state.step})
+
+
+def save_best(job: Job, data: Data, state: State, run_id: str | None) -> None:
+    """best.pt (atomically): the weights of the best evaluation, written after ckpt.pt of the same step (check_best
+    repairs a kill between the two); not resumed from, so no optimiser or RNG states."""
+    save_checkpoint(job.best_path, _weights(job, data, state, run_id))
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -478,7 +627,7 @@ def report_start(job: Job, env: Env, data: Data, state: State, run) -> None:
     run.log_params({"model": job.model, "preset": job.preset, "n_params": n_params, "world_size": env.world,
                     "device": str(env.device), "dtype": str(env.dtype).removeprefix("torch."),
                     "flops_per_sample": flops, "flops_source": source, "train": asdict(job.cfg),
-                    "config": asdict(data.model_cfg)})
+                    "config": asdict(data.model_cfg), "budget": asdict(job.budget) if job.budget else {}})
     run.set_tags({"tessera.model": job.model, "tessera.out_dir": str(job.out_dir)})
     prep = read_success(job.prep_dir) or {}
     run.log_dataset(f"prep/{job.model_spec.modality}", prep.get("digest") or tree_digest(job.prep_dir)[:32],
@@ -504,20 +653,30 @@ def progress(job: Job, env: Env, state: State, meter: Throughput, train: dict) -
             "data/epoch": state.stream.epoch}
 
 
+def run_record(job: Job, state: State, run_id: str | None) -> dict:
+    """The record train() returns: "checkpoint" is the best evaluation's (best.pt; ckpt.pt with no val split), what
+    evaluation and the models that start from this one read; "last_checkpoint" is what a resume reads."""
+    best = state.best_step and job.best_path.exists()
+    budget = job.budget or plan_budget(job.cfg, 0)
+    return {"checkpoint": str(job.best_path if best else job.ckpt_path), "last_checkpoint": str(job.ckpt_path),
+            "run_id": run_id, "model": job.model, "out_dir": str(job.out_dir), "steps": state.step,
+            "planned_steps": budget.steps, "epochs": round(budget.epochs_of(state.step), 3),
+            "planned_epochs": round(budget.epochs_of(budget.steps), 3), "n_train": budget.n_train,
+            "stopped_early": state.stopped, "best_step": state.best_step if best else state.step,
+            "best_val": {k: float(v) for k, v in (state.best if best else state.val).items()},
+            "final_val_loss": state.val.get("val/loss"), "metrics": {k: float(v) for k, v in state.val.items()}}
+
+
 def report_end(job: Job, env: Env, data: Data, state: State, run) -> dict:
-    """The record; on rank 0 the checkpoint as the run's artifact and, with register, the registered model."""
-    record = {"checkpoint": str(job.ckpt_path), "run_id": run.run_id, "steps": state.step, "model": job.model,
-              "out_dir": str(job.out_dir), "final_val_loss": state.val.get("val/loss"),
-              "metrics": {k: float(v) for k, v in state.val.items()}}
+    """The record (run_record); on rank 0 the checkpoints as the run's artifacts, and whether and where it stopped
+    early as tags. Registration comes after evaluation (tasks/eval/registry.py)."""
+    record = run_record(job, state, run.run_id)
     if env.master:
         run.catch_up()  # MLflow may have been away: wait (bounded, saying so) until it has every metric
         run.client.log_artifact(run.run_id, str(job.ckpt_path), artifact_path="checkpoint")
-        if job.register:
-            s = job.model_spec
-            samples = next(iter(loader.batches(data.val_urls or data.train_urls, 2, train=False)))
-            example = s.make_batch(samples, data.ctx)
-            record["registered"] = tracking.log_model(state.net.cpu(), "model", f"tessera-{job.model}", run.run_id,
-                                                      {k: example[k] for k in s.inputs})
+        if record["checkpoint"] != record["last_checkpoint"]:
+            run.client.log_artifact(run.run_id, record["checkpoint"], artifact_path="checkpoint")
+        run.set_tags({"tessera.stopped_early": str(state.stopped).lower(), "tessera.best_step": record["best_step"]})
     return record
 
 
@@ -532,7 +691,6 @@ def train(
     parent_run_id: str | None = None,
     experiment: str = "tessera",
     preset: str = "default",
-    register: bool = False,
     tags: dict[str, str] | None = None,
     init_from: str | Path | None = None,
 ) -> dict:
@@ -541,10 +699,11 @@ def train(
     codebooks: {"pixels" | "image" | "mel": path to a saved codebook} for the models that need one.
     parent_run_id: the MLflow parent (flow) run; the training run is nested under it.
     preset: "default" (small, CPU-sized) or "tiny" (tests); model_overrides: any model config field on top.
-    register: log the final model to MLflow and register it as "tessera-{model}".
     init_from: a trained checkpoint of the model the table names in `init` (CLIP: a ViT) whose weights start a
     part of this model (CLIP's image-tower stem); read only on a fresh start, never on resume.
-    Returns {"checkpoint", "run_id", "steps", "final_val_loss", "metrics", "model", "out_dir"}.
+    Returns run_record's: "checkpoint" (best.pt, the best evaluation's weights; ckpt.pt with no val split),
+    "last_checkpoint", "run_id", "steps" (run), "planned_steps", "epochs" (run), "planned_epochs", "n_train",
+    "stopped_early", "best_step", "best_val", "final_val_loss", "metrics" (the last val/*), "model", "out_dir".
     prep_dir may be an fsspec URL (s3://, gs://, memory://): its shards are streamed from there. out_dir is a local
     folder (under DDP on several machines, one on a filesystem they share).
     """
@@ -553,7 +712,7 @@ def train(
     if (done := read_success(out_dir)) is not None:
         return done
     job = Job(model, storage.location(prep_dir), Path(out_dir), train_cfg, model_overrides, codebooks, parent_run_id,
-              experiment, preset, register, tags, init_from)
+              experiment, preset, tags, init_from)
     with cpu_threads(train_cfg.cpu_threads):
         return _train(job)
 
@@ -561,7 +720,10 @@ def train(
 def _train(job: Job) -> dict:
     env = setup(job.cfg)
     data = load_data(job)
+    job = with_budget(job, env, data)
     ckpt, run_id = resume_point(job, data)
+    if ckpt is not None and env.master:
+        check_best(job, ckpt)
     state = build_state(job, env, data, ckpt)
     with _sigterm_raises(), tracked_run(job, env, run_id) as run:
         report_start(job, env, data, state, run)

@@ -51,12 +51,29 @@ from tasks.data.ingest.inputs import (
 
 __all__ = ["AUDIO_EXTS", "IMAGE_EXTS", "KEY_HEX", "KINDS", "SPLITS", "STAGE", "IngestConfig", "IngestError", "Job",
            "Kind", "Ledger", "Sources", "check_sources", "digest_sources", "jsonable", "make_key", "parse_split",
-           "plan_kind", "quarantine_entry", "read_table", "text_cell"]
+           "plan_kind", "quarantine_entry", "read_table", "text_cell", "is_split", "ordered_splits", "test_sets"]
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 AUDIO_EXTS = ("wav", "flac", "ogg", "mp3")
 SPLITS = ("train", "val", "test")
+TEST_SET = re.compile(r"test_[a-z0-9][a-z0-9_]{0,31}")  # more test sets: test_speakers, test_takes, ...
 KEY_HEX = 16
+
+
+def is_split(name: str) -> bool:
+    """train, val, test, or a further test set `test_<name>` (evaluated and reported on its own)."""
+    return name in SPLITS or TEST_SET.fullmatch(name) is not None
+
+
+def ordered_splits(names) -> list[str]:
+    """The splits among `names` in the order stages go through them: train, val, test, then test_* by name."""
+    names = set(names)
+    return [s for s in SPLITS if s in names] + sorted(n for n in names if TEST_SET.fullmatch(n))
+
+
+def test_sets(names) -> list[str]:
+    """The test sets among `names`: test first, then test_* by name."""
+    return [s for s in ordered_splits(names) if s.startswith("test")]
 
 
 @dataclass(frozen=True)
@@ -217,14 +234,14 @@ def jsonable(v: Any) -> Any:
 
 
 def parse_split(v: Any, where: str) -> tuple[str | None, str | None]:
-    """(split override, error reason): empty -> no override; anything but train/val/test is an error."""
+    """(split override, error reason): empty -> no override; anything but train/val/test/test_<name> is an error."""
     s = text_cell(v)
     if s is None:
         return None, None
     s = s.strip().lower()
-    if s in SPLITS:
+    if is_split(s):
         return s, None
-    return None, f"invalid split: {where} has split {s!r}; use train, val, test or empty"
+    return None, f"invalid split: {where} has split {s!r}; use train, val, test, test_<name> or empty"
 
 
 def check_sources(sources: Sources) -> None:
@@ -272,19 +289,65 @@ def _arrow_table(path: Path, what: str, as_text: tuple[str, ...], bad_rows: list
     raise IngestError(f"{what} table {path} has unsupported format {fmt!r}; use a .csv or .parquet file")
 
 
+def check_columns(path: Path, columns: list[str], kind: Kind, cfg: IngestConfig) -> None:
+    """IngestError unless a table has its path column and its text column (caption/transcript); a table of labels or
+    splits only (a `label` or `split` column) needs no text column. `tessera data` checks the header with this
+    before any stage runs, ingest the table it reads."""
+    path_col, text_col = getattr(cfg, kind.path_col), getattr(cfg, kind.text_col)
+    need = [(path_col, kind.path_col)]
+    if not {cfg.label_col, "split"} & set(columns):
+        need.append((text_col, kind.text_col))
+    missing = [(c, f) for c, f in need if c not in columns]
+    if missing:
+        names = " and ".join(f"{c!r}" for c, _ in missing)
+        opts = " / ".join(f"{_option(f)} NAME" for _, f in missing)
+        also = f", or give it a {cfg.label_col!r} or 'split' column" if kind.text_col in dict(missing).values() else ""
+        noun = "column" if len(missing) == 1 else "columns"
+        raise IngestError(f"{kind.table} table {path} has no {names} {noun} (columns: {', '.join(columns) or 'none'}); "
+                          f"name the right column with {opts}{also}")
+
+
+def check_table(path: Path, kind: Kind, cfg: IngestConfig) -> None:
+    """Before any stage runs: the table reads, has its columns (`check_columns`) and every split value is valid;
+    IngestError (one line naming the row and the fix) otherwise."""
+    rows = read_table(path, kind, cfg, bad_rows=[])
+    for n, row in enumerate(rows, start=1):
+        if (why := parse_split(row.get("split"), f"{kind.table.rstrip('s')} row {n}")[1]) is not None:
+            raise IngestError(f"{kind.table} table {path}: {why}")
+
+
+def group_values(sources: Sources, cfg: IngestConfig, field_name: str) -> set[str] | None:
+    """The values of a --split-by field, found before ingest decodes anything: from the tables' columns, the
+    --name-pattern fields of file names, and (for `label`) the class folders. None when some items' values cannot
+    be known up front (webdataset shards)."""
+    if sources.shards:
+        return None
+    values: set[str] = set()
+    pattern = name_regex(cfg.name_pattern) if cfg.name_pattern else None
+    for kind in KINDS:
+        root, table = getattr(sources, kind.folder), getattr(sources, kind.table)
+        if table is not None:
+            values |= {str(r[field_name]) for r in read_table(table, kind, cfg, bad_rows=[])
+                       if text_cell(r.get(field_name)) is not None}
+        for dirpath, dirs, files in os.walk(root) if root is not None else ():
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            rel = Path(dirpath).relative_to(root).parts
+            rel = rel[1:] if rel and is_split(rel[0]) else rel
+            for f in (f for f in files if f.rsplit(".", 1)[-1].lower() in kind.exts):
+                m = pattern.match(f.split(".", 1)[0]) if pattern else None
+                if m and field_name in m.groupdict():
+                    values.add(m[field_name])
+                elif field_name == cfg.label_col and rel:
+                    values.add(rel[0])
+    return values
+
+
 def read_table(path: Path, kind: Kind, cfg: IngestConfig, bad_rows: list[str] | None = None) -> list[dict]:
     """A caption/transcript table's rows; IngestError for an unsupported format or missing columns. Malformed CSV
     rows (a wrong number of fields) are left out and described in `bad_rows`."""
     path_col, text_col = getattr(cfg, kind.path_col), getattr(cfg, kind.text_col)
     table = _arrow_table(path, kind.table, (path_col, text_col, cfg.label_col, "split"), bad_rows)
-    missing = [(c, f) for c, f in ((path_col, kind.path_col), (text_col, kind.text_col)) if c not in table.column_names]
-    if missing:
-        names = " and ".join(f"{c!r}" for c, _ in missing)
-        opts = " / ".join(f"{_option(f)} NAME" for _, f in missing)
-        raise IngestError(
-            f"{kind.table} table {path} has no {names} column (columns: {', '.join(table.column_names)}); "
-            f"name the right column with {opts}"
-        )
+    check_columns(path, table.column_names, kind, cfg)
     return table.to_pylist()
 
 
@@ -369,7 +432,7 @@ def plan_kind(kind: Kind, sources: Sources, cfg: IngestConfig, ledger: Ledger) -
     if root is not None:
         for f, real in scan_folder(root, kind.exts, roots, ledger, kind.modality):
             rel = f.relative_to(root)
-            split, parts = (rel.parts[0], rel.parts[1:]) if rel.parts[0] in SPLITS and len(rel.parts) > 2 else \
+            split, parts = (rel.parts[0], rel.parts[1:]) if is_split(rel.parts[0]) and len(rel.parts) > 2 else \
                 (None, rel.parts)  # root/<split>/<class>/file: the folder names the split
             label = parts[0] if len(parts) > 1 else None
             key = make_key(kind.modality, f"{kind.folder}:{rel.as_posix()}")

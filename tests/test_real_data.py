@@ -1,0 +1,92 @@
+"""Real speech (tests/data/fsdd4: spoken digits, 4 speakers x 10 digits x 10 takes, CC BY-SA 4.0): with one speaker
+never heard in training, the audio classifier and the speech recogniser must each beat a logistic regression on the
+log-mel's per-band mean and std (benchmarks/real_data.py), fitted here on the same train split.
+
+The data goes through the stages a user's does (ingest from a transcripts table with label and speaker columns, the
+speaker split, preprocessing at the files' 8 kHz, the clip window from the data) and the models train at their
+default sizes and train config; only the step budget (and the recogniser's augmentation) is set here (TRAIN below)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks.real_data import audio_models, baseline_accuracy, scan, transcripts_scores, write_table
+
+DATA = Path(__file__).parent / "data" / "fsdd4" / "recordings"
+HELD_OUT = "theo"
+CLASSIFIER, RECOGNISER = audio_models()
+# The budget, in passes over the 272 train clips (the table's epochs are sized for ~1,000-clip sets): 340 steps each.
+# The speech recogniser trains with its SpecAugment on, the real-speech recipe (off by default for the built-in set:
+# tasks/train/augment.py ASR_AUG); without it this split measured word accuracy 0.48 against the baseline's 0.41.
+TRAIN = {CLASSIFIER: dict(epochs=40), RECOGNISER: dict(epochs=40, augment=True)}
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory) -> dict:
+    """The subset ingested, split by speaker (HELD_OUT in test) and preprocessed -> {"prep", "root", "lr"}."""
+    from tasks.data.features import MelConfig
+    from tasks.data.ingest import IngestConfig, Sources, ingest
+    from tasks.data.preprocess import PrepConfig, preprocess
+    from tasks.data.shards import ShardConfig, write_shards
+
+    root = tmp_path_factory.mktemp("fsdd4")
+    table = write_table(scan(DATA), root / "transcripts.csv")
+    items = ingest(Sources(transcripts=table, allow_roots=(str(DATA.resolve()),)), IngestConfig(sample_rate=8000),
+                   root / "ingest").items_path
+    write_shards(items, ShardConfig(split_by="speaker", test_groups=(HELD_OUT,)), root / "shards")
+    prep = root / "prep"
+    preprocess(root / "shards", PrepConfig(mel=MelConfig(sample_rate=8000, n_frames=None)), prep)
+    return {"prep": prep, "root": root, "lr": baseline_accuracy(prep)}
+
+
+def train(model: str, held_out: dict) -> dict:
+    from tasks.train.trainer import default_train_config, train as train_model
+
+    cfg = default_train_config(model, **TRAIN[model])
+    return train_model(model, held_out["prep"], held_out["root"] / model, cfg, experiment="real-data")
+
+
+def test_the_split_holds_the_speaker_out(held_out):
+    from tasks.data import loader
+    from tasks.data.shards import shard_urls
+
+    def speakers(split: str) -> set[str]:
+        urls = shard_urls(held_out["prep"], "audio", split)
+        return {s["info"]["meta"]["speaker"] for b in loader.batches(urls, 64, train=False) for s in b}
+
+    speakers = {split: speakers(split) for split in ("train", "val", "test")}
+    assert speakers["test"] == {HELD_OUT} and HELD_OUT not in speakers["train"] | speakers["val"]
+    assert 0.3 < held_out["lr"] < 0.95  # the baseline learns something and leaves room (chance is 0.1)
+
+
+def test_the_audio_classifier_beats_the_baseline_on_an_unseen_speaker(held_out):
+    from tasks.eval.evaluate import evaluate
+
+    record = train(CLASSIFIER, held_out)
+    result = evaluate(CLASSIFIER, Path(record["checkpoint"]), held_out["prep"], held_out["root"] / "eval")
+    assert result["metrics"]["accuracy"] > held_out["lr"], (result["metrics"]["accuracy"], held_out["lr"])
+
+
+def test_the_speech_recogniser_beats_the_baseline_on_an_unseen_speaker(held_out):
+    record = train(RECOGNISER, held_out)
+    scores = transcripts_scores(Path(record["checkpoint"]), held_out["prep"])
+    assert scores["word_accuracy"] > held_out["lr"], (scores, held_out["lr"])
+    assert np.isfinite(scores["cer"]) and scores["cer"] < 1 - held_out["lr"]
+
+
+def test_the_baseline_separates_what_a_line_separates():
+    """The logistic regression (torch L-BFGS, benchmarks/real_data.py) on three well-separated blobs in 5-D with
+    features on very different scales: every test point right; and it predicts only labels it saw."""
+    from benchmarks.real_data import logistic_regression
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[0, 0, 0, 0, 0], [4, 0, 0, 0, 0], [0, 4, 0, 0, 0]], dtype=float)
+    y = np.repeat(np.arange(3), 40)
+    X = (centres[y] + rng.normal(size=(120, 5))) * [1, 100, 1, 1, 1]  # standardising undoes the scale
+    y_test = np.repeat(np.arange(3), 10)
+    X_test = (centres[y_test] + 0.3 * rng.normal(size=(30, 5))) * [1, 100, 1, 1, 1]
+    pred = logistic_regression(X, y, X_test)
+    assert (pred == y_test).all()
