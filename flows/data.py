@@ -20,7 +20,7 @@ from tasks.data.features import MelConfig
 from tasks.data.ingest import IngestConfig, IngestError, Sources, check_sources
 from tasks.data.ingest.sources import KINDS, check_table, group_values
 from tasks.data.preprocess import PrepConfig
-from tasks.data.shards import ShardConfig, ordered_splits
+from tasks.data.shards import ShardConfig, assign_split, ordered_splits
 from tasks.data.builtin.synthetic import SyntheticConfig
 
 
@@ -76,6 +76,14 @@ def check_groups(p: DataParams, found: set[str]) -> None:
     if wanted > 0:
         raise IngestError(f"--split-by {by}: {len(found)} group(s) ({shown}) are too few for a train split beside "
                           "the held-out ones; name fewer --test-groups/--val-groups, or change the fractions")
+    if not (p.test_groups or p.val_groups):  # the hash the shard stage will use, worked out now
+        cfg = _configs(p)[1]
+        got = {assign_split(g, cfg) for g in found}
+        if empty := [s for s, f in (("train", 1), ("val", p.val_fraction), ("test", p.test_fraction))
+                     if f > 0 and s not in got]:
+            raise IngestError(f"--split-by {by}: the hash of {len(found)} group(s) ({shown}) leaves the "
+                              f"{' and '.join(empty)} split(s) empty; name the groups with --test-groups/"
+                              "--val-groups, or change the fractions")
 
 
 def _configs(p: DataParams):

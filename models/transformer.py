@@ -35,13 +35,17 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head attention: self-attention when `context` is None, cross-attention to `context` otherwise."""
+    """Multi-head attention: self-attention when `context` is None, cross-attention to `context` otherwise.
+
+    `dropout` applies to the output projection (residual dropout), not to the attention probabilities (as timm's
+    default attn_drop=0): SDPA with dropout_p > 0 leaves its fused CPU kernel, and a default ImageGPT training step
+    measured 0.70 s instead of 0.19 s (0.22 s with residual dropout only) on one core here."""
 
     def __init__(self, dim: int, n_heads: int, dropout: float = 0.0):
         super().__init__()
         if dim % n_heads:
             raise ValueError(f"dim={dim} is not divisible by n_heads={n_heads}")
-        self.n_heads, self.dropout = n_heads, dropout
+        self.n_heads = n_heads
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -80,8 +84,7 @@ class Attention(nn.Module):
             else:
                 tri = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)  # (T, S)
                 mask = tri if mask is None else mask & tri  # (B, 1, T, S)
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=is_causal)  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, D)  # (B, T, D), heads concatenated
         return self.resid_drop(self.proj(y))
 

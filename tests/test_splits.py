@@ -137,6 +137,9 @@ def test_several_test_sets_from_folders_and_a_split_column(digits, tmp_path):
      "held-out ones; name fewer --test-groups/--val-groups, or change the fractions"),
     (dict(split_by="label", test_fraction=0.2), "--split-by label: 2 group(s) (0, 1) are too few for a train split "
                                                 "beside the held-out ones"),
+    (dict(split_by="take", val_fraction=0.01, test_fraction=0.01),  # the shard stage's hash, worked out up front
+     "--split-by take: the hash of 3 group(s) (0, 1, 2) leaves the val and test split(s) empty; name the groups with "
+     "--test-groups/--val-groups, or change the fractions"),
 ])
 def test_group_flags_are_checked_against_the_data_before_any_stage(digits, tmp_path, flags, message):
     from flows.data import check_data
