@@ -111,19 +111,29 @@ def test_a_named_model_the_data_cannot_feed_is_one_line_before_any_model_stage(l
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_bad_input_found_inside_a_stage_prints_no_traceback(tmp_path, capfd):
-    """A --split-by that leaves splits empty is found by the shard stage: Prefect's log lines keep the message and
-    drop the traceback, and the CLI's last line is the error."""
+def test_bad_input_found_inside_a_stage_prints_no_traceback(tmp_path, capfd, monkeypatch):
+    """A --split-by whose hash leaves splits empty is refused before any stage; where the groups cannot be known up
+    front (webdataset shards: `group_values` gives None), the shard stage finds it: Prefect's log lines keep the
+    message and drop the traceback, and the CLI's last line is the error."""
     import numpy as np
     import soundfile as sf
+
+    import flows.data
 
     for i in range(4):
         for c in "ab":
             (tmp_path / "clips" / c).mkdir(parents=True, exist_ok=True)
             sf.write(tmp_path / "clips" / c / f"{c}_{i}.wav", (0.3 * np.sin(np.arange(3200) * (0.05 + i / 100))
                                                                 ).astype("float32"), 16000)
-    status = cli_main(["data", "--root", str(tmp_path / "out"), "--audio", str(tmp_path / "clips"), "--name-pattern",
-                       "{x}_{take}", "--split-by", "take", "--val-fraction", "0.01", "--test-fraction", "0.01"])
+    argv = ["data", "--root", str(tmp_path / "out"), "--audio", str(tmp_path / "clips"), "--name-pattern",
+            "{x}_{take}", "--split-by", "take", "--val-fraction", "0.01", "--test-fraction", "0.01"]
+    assert cli_main(argv) == 2
+    assert capfd.readouterr().err == ("tessera: error: --split-by take: the hash of 4 group(s) (0, 1, 2, 3) leaves "
+                                      "the val and test split(s) empty; name the groups with --test-groups/"
+                                      "--val-groups, or change the fractions\n")
+    assert not (tmp_path / "out").exists()  # before any stage
+    monkeypatch.setattr(flows.data, "group_values", lambda *a: None)  # as for shards: known only inside the stage
+    status = cli_main(argv)
     out, err = capfd.readouterr()
     assert status == 2 and "Traceback" not in out + err and "Failed to serialize" not in out + err
     assert err.rstrip().splitlines()[-1] == ("tessera: error: --split-by take: 4 group(s) leave the test and val "
