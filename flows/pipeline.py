@@ -104,11 +104,11 @@ def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None,
     return "\n".join(lines)
 
 
-def _train_and_evaluate(params: PipelineParams, models: list[str], prep: Path, cb: dict, root: Path,
+def _train_and_evaluate(params: PipelineParams, models: list[str], prep: Path, counts: dict, cb: dict, root: Path,
                         run: dict) -> tuple[dict, dict]:
     """Train each model (a model that starts from another after it: table `init`), then evaluate it on each test set
-    of its modality: evals[model] is the first set's record (`test`), with the others' under "others"."""
-    counts = json.loads((prep / "stats.json").read_text())["counts"]
+    of its modality (`counts`: stats.json's items per modality and split): evals[model] is the first set's record
+    (`test`), with the others' under "others"."""
     trained, evals = {}, {}
     for m in models:
         needs = {k: Path(cb[k]) for k in [spec(m).codebook] if k}
@@ -147,7 +147,8 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
     data = data_flow(params.data)
     root = Path(params.data.root).resolve()
     prep = Path(data["prep"]["path"])
-    models = plan_models(params, json.loads((prep / "stats.json").read_text()))
+    stats = json.loads((prep / "stats.json").read_text())
+    models = plan_models(params, stats)
     tags = {"prefect.flow_run_id": str(runtime.flow_run.id), tracking.DATASET_TAG: params.dataset_name,
             tracking.DIGEST_TAG: data["shards"]["digest"]}  # every nested run inherits the dataset's two tags
     with (tracking.start_run(params.experiment, f"pipeline-{runtime.flow_run.name or 'local'}", tags=tags) as parent,
@@ -157,7 +158,7 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
         parent.client.log_dict(parent.run_id, data_summary(data), "data/summary.json")
         run = dict(parent_run_id=parent.run_id, experiment=params.experiment)
         cb = stages.fit_codebooks(prep, codebook_config(params, models), root, **run)
-        trained, evals = _train_and_evaluate(params, models, prep, cb, root, run)
+        trained, evals = _train_and_evaluate(params, models, prep, stats["counts"], cb, root, run)
         trips, index = _across(params, trained, prep, cb, root, run)
         registered = _register(params, data, trained, evals, prep, cb)  # only once every stage has succeeded
         summary = _summary(trained, evals, trips, index, registered)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile as sf
@@ -122,6 +123,23 @@ def make_prep(root: Path, n_train: int = 64, n_val: int = 16) -> Path:
     }
     (root / "stats.json").write_text(json.dumps(stats))
     return root
+
+
+# The trainer tests' module fixtures (tests/test_train.py, tests/test_budget.py import them): one SQLite MLflow store
+# per module (creating one costs seconds; tests keep apart by experiment name) and one tiny prep folder.
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+@pytest.fixture(autouse=True)
+def _shared_mlflow(mlflow_db, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_db)
+
+
+@pytest.fixture(scope="module")
+def prep(tmp_path_factory) -> Path:
+    return make_prep(tmp_path_factory.mktemp("prep"))
 
 
 def make_codebooks(root: Path) -> dict[str, str]:

@@ -24,27 +24,12 @@ from tasks.train.table import BUILTIN_TRAIN, MODELS, build_from_checkpoint
 from tasks.train.trainer import (CheckpointError, TrainConfig, default_train_config, get_lr, load_checkpoint,
                                  plan_budget, train)
 
-from tests.helpers import TINY_TRAIN, make_prep
+from tests.helpers import TINY_TRAIN, _shared_mlflow, mlflow_db, prep  # noqa: F401 (fixtures)
 
 # The step counts the models had before the budget followed the data: the table's epochs must give them back on the
 # built-in set (BUILTIN_TRAIN), so `make run`'s figures and time stay.
 STEPS_BEFORE = {"vit": 600, "ast": 400, "clip": 600, "imagegpt": 600, "asr": 250, "t2i": 1200, "tts": 400}
 FLAT = replace(TINY_TRAIN, lr=0.0, min_lr=0.0)  # nothing moves: every evaluation equals the first
-
-
-@pytest.fixture(scope="module")
-def mlflow_db(tmp_path_factory) -> str:
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-
-
-@pytest.fixture(autouse=True)
-def _shared_mlflow(mlflow_db, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_db)
-
-
-@pytest.fixture(scope="module")
-def prep(tmp_path_factory) -> Path:
-    return make_prep(tmp_path_factory.mktemp("prep"))
 
 
 def _client(mlflow_db: str) -> MlflowClient:

@@ -37,27 +37,13 @@ from tasks.train.trainer import CKPT, CheckpointError, TrainConfig, get_lr, load
 
 from tests.helpers import PREP_N_FRAMES as N_FRAMES
 from tests.helpers import PREP_N_MELS as N_MELS
-from tests.helpers import TINY_TRAIN, make_codebooks, make_prep
+from tests.helpers import TINY_TRAIN, _shared_mlflow, make_codebooks, mlflow_db, prep  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 DDP_TOLERANCE = 0.15  # mean |loss_ddp - loss_single| per step: rank 0 logs its own 16 samples' loss, not all 32
+
+
 # ------------------------------------------------------------------------------------------------ tiny prep folder
-@pytest.fixture(scope="module")
-def mlflow_db(tmp_path_factory) -> str:
-    """One SQLite store for this module (creating one costs seconds); tests keep apart by experiment name."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
-
-
-@pytest.fixture(autouse=True)
-def _shared_mlflow(mlflow_db, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_db)
-
-
-@pytest.fixture(scope="module")
-def prep(tmp_path_factory) -> Path:
-    return make_prep(tmp_path_factory.mktemp("prep"))
-
-
 @pytest.fixture(scope="module")
 def codebooks(tmp_path_factory) -> dict[str, str]:
     return make_codebooks(tmp_path_factory.mktemp("codebooks"))
