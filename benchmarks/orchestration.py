@@ -46,7 +46,7 @@ def _flow(root: Path, quick: bool):
 
     return pipeline, PipelineParams(  # tests/test_pipeline.py's sizes, three models: every kind of stage runs
         data=DataParams(root=root, size=72, n_mels=32, n_frames=64, shard_maxcount=32),
-        codebooks=CodebookParams(pixels_k=16, image_k=32, mel_k=32),
+        codebooks=CodebookParams(pixels_k=16, image_k=32),
         train=TrainParams(models=MODELS, preset="tiny", steps=6, batch_size=8),
         eval=EvalParams(max_samples=16))
 

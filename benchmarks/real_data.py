@@ -1,10 +1,13 @@
 """python -m benchmarks --real-data DIR [--held-out NAME ...]: the audio classifier and the speech recogniser on real
-recordings, each speaker held out in turn, against a logistic regression on the same split.
+recordings, each speaker held out in turn and then held-out takes, against a logistic regression on the same split.
 
 DIR holds `{label}_{speaker}_{take}.wav` files (the Free Spoken Digit Dataset's layout). For each held-out speaker
 this runs what a user would run, at the defaults:
 
     tessera run --transcripts DIR.csv --split-by speaker --test-groups SPEAKER --sample-rate SR --models AST ASR
+
+and for held-out takes (`--held-out takes`: every speaker in training, the default split's hash of items puts a
+tenth of the takes in test) the same command without --split-by and --test-groups.
 
 where the table (written into the output folder) has one row per file: audio, transcript (the label; a digit label
 spelled as its English word, so "7" is "seven"), label, speaker. SR is the files' own sample rate. Reported per
@@ -139,14 +142,19 @@ def transcripts_scores(checkpoint: Path, prep: Path) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------- one split
+TAKES = "takes"  # the held-out name for held-out takes of every speaker (the default split)
+
+
 def command(table: Path, folder: Path, speaker: str, rate: int, root: Path) -> list[str]:
-    return ["tessera", "run", "--transcripts", str(table), "--allow-roots", str(folder),
-            "--split-by", "speaker", "--test-groups", speaker, "--sample-rate", str(rate),
-            "--models", *audio_models(), "--root", str(root), "--dataset-name", f"real-{speaker}"]
+    split = [] if speaker == TAKES else ["--split-by", "speaker", "--test-groups", speaker]
+    return ["tessera", "run", "--transcripts", str(table), "--allow-roots", str(folder), *split,
+            "--sample-rate", str(rate), "--models", *audio_models(), "--root", str(root),
+            "--dataset-name", f"real-{speaker}"]
 
 
 def held_out(folder: Path, speaker: str, out: Path) -> dict:
-    """`tessera run` with `speaker` held out (in its own root under out, MLflow store there too) -> one row."""
+    """`tessera run` with `speaker` (or TAKES) held out (in its own root under out, MLflow store there too) -> one
+    row."""
     rows = scan(folder)
     root = out / f"held-out-{speaker}"
     table = write_table(rows, root / "transcripts.csv")
@@ -160,7 +168,7 @@ def held_out(folder: Path, speaker: str, out: Path) -> dict:
     prep, (ast, asr) = Path(latest["prep"]), audio_models()
     metrics = json.loads(next((root / "eval" / ast).glob("*/metrics.json")).read_text())
     speech = transcripts_scores(Path(latest["checkpoints"][asr]), prep)
-    n_test = sum(r["speaker"] == speaker for r in rows)
+    n_test = len(band_features(prep, "test")[1])
     return {"held_out": speaker, "n_train_val": len(rows) - n_test, "n_test": n_test,
             "ast_accuracy": metrics["accuracy"], "asr_cer": speech["cer"], "asr_word_accuracy": speech["word_accuracy"],
             "lr_accuracy": baseline_accuracy(prep), "wall_s": round(wall, 1),
@@ -169,7 +177,8 @@ def held_out(folder: Path, speaker: str, out: Path) -> dict:
 
 def markdown(rows: list[dict], folder: Path) -> str:
     lines = [f"# Real data: {folder}", "", "Each speaker held out in turn (never heard in training; val: held-out "
-             "takes of the others), `tessera run` at its defaults (benchmarks/real_data.py). LR: logistic "
+             "takes of the others), then `takes` (held-out takes of every speaker), `tessera run` at its defaults "
+             "(benchmarks/real_data.py). LR: logistic "
              "regression on per-band log-mel mean and std.", "",
              "| held out | train+val / test clips | AST accuracy | ASR word accuracy | ASR CER | LR accuracy | "
              "AST - LR | ASR words - LR | wall s |", "|---|---|---|---|---|---|---|---|---|"]
@@ -184,9 +193,9 @@ def markdown(rows: list[dict], folder: Path) -> str:
 
 
 def run(folder: Path, out: Path, speakers: list[str] | None = None) -> list[dict]:
-    """Hold out each speaker (or those named) in turn, each run in a new temporary folder (kept, named on stderr);
+    """Hold out each speaker (or those named), then takes, each run in a new temporary folder (kept, on stderr);
     write out/real_data.md and .json; print the table."""
-    found = sorted({r["speaker"] for r in scan(folder)})
+    found = sorted({r["speaker"] for r in scan(folder)}) + [TAKES]
     unknown = sorted(set(speakers or []) - set(found))
     if unknown:
         raise ValueError(f"no speaker {unknown} in {folder}; it has {found}")
@@ -195,7 +204,7 @@ def run(folder: Path, out: Path, speakers: list[str] | None = None) -> list[dict
     print(f"real data: runs under {work}", file=sys.stderr, flush=True)
     rows = []
     for speaker in speakers or found:
-        print(f"== real data: {speaker} held out", file=sys.stderr, flush=True)
+        print(f"== real data: {speaker} held out", file=sys.stderr, flush=True)  # TAKES: takes of every speaker
         rows.append(held_out(folder, speaker, work))
         md = markdown(rows, folder)
         (out / "real_data.md").write_text(md)

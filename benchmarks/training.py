@@ -50,7 +50,7 @@ COMPILED = ("vit", "imagegpt")  # torch.compile on and off, default config (comp
 def data(root: Path, quick: bool) -> tuple[Path, dict[str, str]]:
     """A small prepared dataset and its codebooks (the pipeline's default k, so vocabularies have their real size)."""
     _, prep, _ = build(root, 24 if quick else 96, 12 if quick else 48, maxcount=64)
-    k = dict(pixels_k=16, image_k=32, mel_k=32) if quick else {}
+    k = dict(pixels_k=16, image_k=32) if quick else {}
     record = fit_codebooks(prep, CodebookConfig(iters=5, min_usage=0.0, **k), root / "codebooks")
     return prep, {kind: str(root / "codebooks" / f) for kind, f in record["codebooks"].items()}
 

@@ -146,7 +146,6 @@ class DataParams(Params):
 class CodebookParams(Params):
     pixels_k: int = Field(64, ge=2, description="ImageGPT colour palette size")
     image_k: int = Field(256, ge=2, description="image patch codebook size (text-to-image tokens)")
-    mel_k: int = Field(256, ge=2, description="spectrogram patch codebook size (text-to-speech tokens)")
     iters: int = Field(25, ge=1, description="k-means iterations")
     min_usage: float = Field(0.25, ge=0, le=1, description="fail the stage below this fraction of codes used")
 

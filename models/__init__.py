@@ -15,11 +15,10 @@ from models.seq2seq import (
     audio_to_text_config,
     text_to_image,
     text_to_image_config,
-    text_to_speech,
-    text_to_speech_config,
 )
 from models.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
 from models.transformer import MLP, Attention, Block, KVCache, Transformer, sample_logits
+from models.tts import TTS, TTSConfig
 from models.vit import ViT, ViTConfig, ViTEncoder
 from models.vq import (
     Codebook,

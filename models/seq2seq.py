@@ -2,14 +2,14 @@
 
 The encoder reads the source embedding; the decoder reads the target tokens with causal self-attention plus
 cross-attention to the encoder output, and a head (tied to the target embedding, as Whisper) gives the next target
-token. One class, two source embeddings and any target vocabulary; three presets:
+token. One class, two source embeddings and any target vocabulary; two presets:
     audio_to_text:  src = log-mel (B, n_mels, n_frames), Whisper's conv stem; tgt = byte tokens (tokenizer.py)
     text_to_image:  src = byte tokens (B, Ls);                                  tgt = VQ image-patch codes
-    text_to_speech: src = byte tokens (B, Ls);                                  tgt = VQ spectrogram-patch codes
+(Text-to-speech regresses the spectrogram itself: models/tts.py.)
 Teacher forcing: the decoder input is [BOS, tgt[:, :-1]] and the loss ignores pad_id. VQ targets have no pad and
 no EOS (pad_id = eos_id = -1); their BOS is the extra id n_codes.
 Default config (bytes -> bytes, D=192, 4 + 4 layers, 3 heads): 4,265,856 parameters; presets: audio_to_text
-4,400,832, text_to_image and text_to_speech (512 codes, 64 tokens) 4,314,624.
+4,400,832, text_to_image (512 codes, 64 tokens) 4,314,624.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class Seq2SeqConfig:
     n_heads: int = 3
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    src_embed_std: float = 1.0  # init of a token source's embedding (the sinusoidal positions have std 0.71)
 
 
 class MelStem(nn.Module):
@@ -85,6 +86,8 @@ class Seq2Seq(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.apply(init_weights)
         nn.init.normal_(self.tgt_pos, std=0.02)
+        if cfg.src_kind == "tokens":  # as large as the sinusoidal positions it is added to: at std 0.02 they drown
+            nn.init.normal_(self.src_embed.weight, std=cfg.src_embed_std)  # the caption (README "What the models learn")
 
     def encode(self, src: torch.Tensor):
         """src -> (memory (B, S, D), memory_mask (B, S) bool or None); mask True for real source tokens."""
@@ -166,19 +169,9 @@ def text_to_image_config(n_codes: int = 512, n_tokens: int = 64, **overrides) ->
     return replace(base, **overrides)
 
 
-def text_to_speech_config(n_codes: int = 512, n_tokens: int = 64, **overrides) -> Seq2SeqConfig:
-    """Text bytes in, n_tokens VQ spectrogram-patch codes out (64 = 128 mel x 128 frames in 16x16 patches);
-    vq.tokens_to_spec turns them back into a spectrogram (Griffin-Lim lives in tasks/)."""
-    return text_to_image_config(n_codes, n_tokens, **overrides)
-
-
 def audio_to_text(**overrides) -> Seq2Seq:
     return Seq2Seq(audio_to_text_config(**overrides))
 
 
 def text_to_image(n_codes: int = 512, n_tokens: int = 64, **overrides) -> Seq2Seq:
     return Seq2Seq(text_to_image_config(n_codes, n_tokens, **overrides))
-
-
-def text_to_speech(n_codes: int = 512, n_tokens: int = 64, **overrides) -> Seq2Seq:
-    return Seq2Seq(text_to_speech_config(n_codes, n_tokens, **overrides))

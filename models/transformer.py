@@ -5,6 +5,10 @@
     z_l  = MLP(LN(z''_l)) + z''_l              Block: feed-forward sublayer
     y    = LN(z_L)                              Transformer.ln_f
 
+Stochastic depth (Huang et al. 2016; DeiT's drop_path): while training, each sublayer's residual branch is dropped
+for a whole sample with probability p_l (the survivors scaled by 1 / (1 - p_l)), p_l rising linearly from 0 at the
+first block to `drop_path` at the last. At drop_path=0 and in eval mode it is the identity and draws nothing.
+
 Attention runs through F.scaled_dot_product_attention (flash / memory-efficient kernels where the device has
 them). An encoder stack is `Transformer(causal=False)`, a decoder-only stack `Transformer(causal=True)` and an
 encoder-decoder's decoder `Transformer(causal=True, cross=True)`. `KVCache` holds past keys/values for
@@ -102,11 +106,22 @@ class MLP(nn.Module):
         return self.drop(self.proj(F.gelu(self.fc(x))))
 
 
+def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """A residual branch (B, ...) -> same shape: each sample's branch zeroed with probability p and the rest scaled
+    by 1 / (1 - p) while training; x itself at p=0 or in eval mode."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - p)  # (B, 1, 1): 1 keeps the sample's branch
+    return x * keep / (1 - p)
+
+
 class Block(nn.Module):
     """One pre-LN transformer layer; `cross=True` adds a cross-attention sublayer between the two."""
 
-    def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, cross: bool = False):
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, cross: bool = False,
+                 drop_path: float = 0.0):
         super().__init__()
+        self.drop_path = drop_path  # stochastic depth: the probability of dropping a sublayer for a sample
         self.ln_1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, n_heads, dropout)
         self.ln_x = nn.LayerNorm(dim) if cross else None
@@ -118,10 +133,11 @@ class Block(nn.Module):
         """x: (B, T, D) -> (B, T, D); memory: (B, S, D) for cross-attention; cache: one KVCache.layers entry."""
         self_cache, cross_cache = (None, None) if cache is None else (cache["self"], cache["cross"])
         # z'_l = MSA(LN(z_{l-1})) + z_{l-1}
-        x = x + self.attn(self.ln_1(x), key_mask=key_mask, causal=causal, cache=self_cache)
+        p = self.drop_path
+        x = x + drop_path(self.attn(self.ln_1(x), key_mask=key_mask, causal=causal, cache=self_cache), p, self.training)
         if self.cross_attn is not None:
-            x = x + self.cross_attn(self.ln_x(x), memory, memory_mask, cache=cross_cache)
-        return x + self.mlp(self.ln_2(x))  # z_l = MLP(LN(z'_l)) + z'_l
+            x = x + drop_path(self.cross_attn(self.ln_x(x), memory, memory_mask, cache=cross_cache), p, self.training)
+        return x + drop_path(self.mlp(self.ln_2(x)), p, self.training)  # z_l = MLP(LN(z'_l)) + z'_l
 
 
 class Transformer(nn.Module):
@@ -129,12 +145,14 @@ class Transformer(nn.Module):
 
     causal=False: encoder (bidirectional, optional key padding mask).
     causal=True:  decoder (each position sees itself and the past); cross=True adds cross-attention to `memory`.
+    drop_path: stochastic depth at the last block, linearly less below it (0 at the first, as DeiT).
     """
 
-    def __init__(self, dim, depth, n_heads, mlp_ratio=4.0, dropout=0.0, causal=False, cross=False):
+    def __init__(self, dim, depth, n_heads, mlp_ratio=4.0, dropout=0.0, causal=False, cross=False, drop_path=0.0):
         super().__init__()
         self.dim, self.depth, self.mlp_hidden, self.causal, self.cross = dim, depth, int(mlp_ratio * dim), causal, cross
-        self.blocks = nn.ModuleList(Block(dim, n_heads, mlp_ratio, dropout, cross) for _ in range(depth))
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]  # 0 ... drop_path
+        self.blocks = nn.ModuleList(Block(dim, n_heads, mlp_ratio, dropout, cross, p) for p in rates)
         self.ln_f = nn.LayerNorm(dim)
 
     def forward(self, x, key_mask=None, memory=None, memory_mask=None, cache: KVCache | None = None):

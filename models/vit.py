@@ -33,6 +33,8 @@ class ViTConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     stem: str = "patch"  # "patch": one linear map per patch (ViT); "conv": a convolutional stem (Xiao et al. 2021)
+    drop_path: float = 0.0  # stochastic depth at the last block (models/transformer.py), as DeiT
+    label_smoothing: float = 0.0  # of the training loss's targets (Szegedy et al. 2016); evaluation loss is plain CE
 
 
 class ViTEncoder(nn.Module):
@@ -40,10 +42,11 @@ class ViTEncoder(nn.Module):
 
     in_size is the (H, W) the positional table is learned for; other sizes get it resized (bicubic) on the fly.
     stride < patch gives overlapping patches (AST). stem="conv" replaces the patchify layer with ConvStem.
+    drop_path: stochastic depth of the stack (models/transformer.py).
     """
 
     def __init__(self, in_chans, in_size, patch, stride, dim, depth, n_heads, mlp_ratio=4.0, dropout=0.0,
-                 stem="patch"):
+                 stem="patch", drop_path=0.0):
         super().__init__()
         if stem not in ("patch", "conv"):
             raise ValueError(f"unknown stem {stem!r}; use 'patch' or 'conv'")
@@ -54,7 +57,7 @@ class ViTEncoder(nn.Module):
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)  # x_class
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.grid[0] * self.grid[1], dim) * 0.02)  # E_pos
         self.drop = nn.Dropout(dropout)
-        self.transformer = Transformer(dim, depth, n_heads, mlp_ratio, dropout)
+        self.transformer = Transformer(dim, depth, n_heads, mlp_ratio, dropout, drop_path=drop_path)
         self.transformer.apply(init_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,13 +74,14 @@ class ViTEncoder(nn.Module):
 
 
 class ViT(nn.Module):
-    """Image classifier: {"image": (B, 3, H, W) normalised, "label": (B,) long} -> (logits (B, n_classes), loss)."""
+    """Image classifier: {"image": (B, 3, H, W) normalised, "label": (B,) long or (B, n_classes) class probabilities
+    (mixup, cutmix)} -> (logits (B, n_classes), loss)."""
 
     def __init__(self, cfg: ViTConfig = ViTConfig()):
         super().__init__()
         self.cfg = cfg
         self.encoder = ViTEncoder(cfg.in_chans, (cfg.img_size, cfg.img_size), cfg.patch_size, None,
-                                  cfg.dim, cfg.depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.stem)
+                                  cfg.dim, cfg.depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cfg.stem, cfg.drop_path)
         self.head = nn.Linear(cfg.dim, cfg.n_classes)
         init_weights(self.head)
 
@@ -92,7 +96,8 @@ class ViT(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]):
         logits = self.forward_head(self.forward_features(batch["image"]))
-        loss = F.cross_entropy(logits, batch["label"]) if "label" in batch else None
+        smooth = self.cfg.label_smoothing if self.training else 0.0
+        loss = F.cross_entropy(logits, batch["label"], label_smoothing=smooth) if "label" in batch else None
         return logits, loss
 
     def flops_per_sample(self, train: bool = True, img_size: int | None = None) -> int:

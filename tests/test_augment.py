@@ -118,6 +118,122 @@ def test_the_speech_recogniser_masks_its_source_only(monkeypatch):
     assert torch.equal(out["tgt"], batch["tgt"]) and (out["src"] == 0).any() and out["src"].shape == (8, 12, 20)
 
 
+# ---------------------------------------------------------------------------------------------------- ViT photos
+def _ctx(n_classes=4):
+    """A BatchContext stand-in: the data's mean/std (3, 1, 1) and the model config's n_classes."""
+    return type("Ctx", (), {"mean": torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1),
+                            "std": torch.tensor([0.3, 0.25, 0.2]).view(3, 1, 1),
+                            "cfg": type("Cfg", (), {"n_classes": n_classes})()})()
+
+
+def _vit_aug(monkeypatch, **on):
+    """VIT_AUG with everything off but `on`, whatever the defaults."""
+    off = dict(max_shift=0, flip=False, jitter=0.0, trivial=False, mixup=0.0, cutmix=0.0)
+    for k, v in {**off, **on}.items():
+        monkeypatch.setitem(augment.VIT_AUG, k, v)
+
+
+def test_colour_jitter_changes_colours_per_image_and_keeps_the_range():
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8)
+    y = augment.colour_jitter(x, 0.4, 0.4, 0.4)
+    assert y.shape == x.shape and 0 <= y.min() and y.max() <= 1
+    assert len({round(float((a - b).abs().mean()), 6) for a, b in zip(y, x)}) == 16  # every image differently
+    torch.manual_seed(5)
+    a = augment.colour_jitter(x)
+    torch.manual_seed(5)
+    assert torch.equal(a, augment.colour_jitter(x)) and not torch.equal(a, x)
+    assert torch.equal(augment.colour_jitter(x, 0, 0, 0), x)
+    grey = x[:, :1].expand(16, 3, 8, 8)
+    assert torch.allclose(augment.colour_jitter(grey, 0, 0, 0.9), grey, atol=1e-6)  # a grey image has no saturation
+    dim = x * 0.5  # brightness only: each image scaled by one factor in [0.6, 1.4]
+    ratio = augment.colour_jitter(dim, 0.4, 0, 0) / dim
+    assert torch.allclose(ratio, ratio[:, :1, :1, :1].expand_as(ratio), atol=1e-4)
+    assert ratio.min() >= 0.6 - 1e-4 and ratio.max() <= 1.4 + 1e-4 and ratio.std() > 0.05
+
+
+def test_vit_augment_jitters_pixels_not_the_normalised_values(monkeypatch):
+    """The batch is normalised with the data's mean/std: jitter must act on 0..1 pixels. A jitter of almost nothing
+    must then leave the batch as it was (clamping the normalised values to 0..1 would not)."""
+    ctx = _ctx()
+    pixels = torch.rand(8, 3, 8, 8)
+    batch = {"image": (pixels - ctx.mean) / ctx.std, "label": torch.arange(8) % 4}
+    _vit_aug(monkeypatch, jitter=1e-6)
+    out = augment.vit_augment(batch, ctx)
+    assert torch.allclose(out["image"], batch["image"], atol=1e-4) and torch.equal(out["label"], batch["label"])
+    monkeypatch.setitem(augment.VIT_AUG, "jitter", 0.8)
+    back = augment.vit_augment(batch, ctx)["image"] * ctx.std + ctx.mean
+    assert back.min() >= -1e-5 and back.max() <= 1 + 1e-5 and not torch.allclose(back, pixels, atol=1e-2)
+
+
+def test_trivial_augment_applies_one_op_per_image_reproducibly():
+    torch.manual_seed(0)
+    x = torch.rand(64, 3, 16, 16)
+    for name, op in augment.TRIVIAL_OPS.items():
+        y = op(x[:4], torch.rand(4, 1, 1, 1), torch.full((3, 1, 1), 0.5))
+        assert y.shape == (4, 3, 16, 16) and y.min() >= -1e-5 and y.max() <= 1 + 1e-5, name
+    for name in ("rotate", "shear_x", "shear_y", "translate_x", "translate_y", "brightness", "colour"):
+        y = augment.TRIVIAL_OPS[name](x[:4], torch.zeros(4, 1, 1, 1), torch.zeros(3, 1, 1))
+        assert torch.allclose(y, x[:4], atol=1e-5), name  # strength 0 leaves the image
+    torch.manual_seed(1)
+    a = augment.trivial_augment(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, augment.trivial_augment(x))
+    changed = (a != x).flatten(1).any(1)
+    assert 0.7 < float(changed.float().mean()) < 1.0  # the identity op (1 in 13) and weak draws leave a few alone
+    assert torch.equal(augment.trivial_augment(x, ops=("identity",)), x)
+    shifted = augment.trivial_augment(torch.ones(8, 3, 16, 16), fill=torch.zeros(3, 1, 1), ops=("translate_x",))
+    assert (shifted < 0.5).any()  # what comes in from outside is the fill
+
+
+def test_cutmix_targets_are_the_pasted_area_share():
+    torch.manual_seed(0)
+    B, n = 8, 8
+    x = torch.arange(B, dtype=torch.float32)[:, None, None, None].expand(B, 3, 16, 16).clone()  # image i is all i
+    for _ in range(5):
+        y, target = augment.cutmix(x, torch.arange(B), n, alpha=1.0)
+        assert y.shape == x.shape and torch.allclose(target.sum(1), torch.ones(B))
+        for i in range(B):
+            share = torch.stack([(y[i, 0] == j).float().mean() for j in range(n)])  # area showing image j
+            assert torch.allclose(share, target[i], atol=1e-6)
+    same, onehot = augment.cutmix(x, torch.arange(B), n, alpha=0.0)
+    assert torch.equal(same, x) and torch.equal(onehot, torch.eye(B))
+
+
+def test_mix_picks_mixup_or_cutmix_and_keeps_hard_labels_when_off():
+    x, labels = torch.rand(6, 3, 8, 8), torch.tensor([0, 1, 2, 3, 0, 1])
+    same, hard = augment.mix(x, labels, 4)
+    assert same is x and hard is labels
+    torch.manual_seed(0)
+    kinds = set()
+    for _ in range(20):
+        y, target = augment.mix(x, labels, 4, mixup_alpha=0.8, cutmix_alpha=1.0)
+        assert target.shape == (6, 4) and torch.allclose(target.sum(1), torch.ones(6))
+        # cutmix leaves every pixel one of the batch's, mixup blends them
+        kinds.add("cutmix" if all((y[i][None] == x).any(0).all() for i in range(6)) else "mixup")
+    assert kinds == {"mixup", "cutmix"}
+
+
+def test_vit_augment_soft_targets_train_and_score(monkeypatch):
+    from tasks.train.batches import label_accuracy
+
+    _vit_aug(monkeypatch, cutmix=1.0, trivial=True, jitter=0.4, flip=True)
+    ctx = _ctx(n_classes=4)
+    batch = {"image": torch.randn(8, 3, 16, 16), "label": torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])}
+    torch.manual_seed(2)
+    a = augment.vit_augment(batch, ctx)
+    torch.manual_seed(2)
+    b = augment.vit_augment(batch, ctx)
+    assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+    assert a["label"].shape == (8, 4) and not torch.equal(a["image"], batch["image"])
+    model = ViT(ViTConfig(img_size=16, patch_size=4, dim=32, depth=1, n_heads=2, n_classes=4, label_smoothing=0.1))
+    logits, loss = model(a)
+    assert torch.isfinite(loss)
+    correct, count = label_accuracy(logits, a)
+    assert count == 8 and int(correct) == int((logits.argmax(-1) == a["label"].argmax(-1)).sum())
+    assert label_accuracy(logits, batch)[1] == 8
+
+
 @pytest.mark.parametrize("patch", [4, 8])
 def test_conv_stem_has_the_patch_grid(patch):
     stem, flat = ConvStem(3, 64, patch), PatchEmbed(3, 64, patch)

@@ -17,12 +17,11 @@ from flows.cli import main as cli_main
 from flows.data import window_line
 from flows.params import DataParams
 from models.ast import AST
-from models.vq import Codebook
 from tasks.data import loader
 from tasks.data.features import MelConfig
 from tasks.data.preprocess import PrepConfig, clip_window, prep_changes, preprocess
 from tasks.data.shards import ShardConfig, shard_urls, write_shards
-from tasks.train.batches import (Codes, DataInfo, asr_batch, ast_batch, clip_windows, crop_start, mels, random_crops,
+from tasks.train.batches import (DataInfo, asr_batch, ast_batch, clip_windows, crop_start, mels, random_crops,
                                  window_starts)
 from tasks.train.table import configure
 from tests.helpers import item_rows, sha256_bytes, wav_bytes, write_items
@@ -239,6 +238,5 @@ def test_ast_positional_table_follows_the_window(n_frames):
 def test_asr_and_tts_configs_read_the_window():
     for n_frames in (32, 64):
         data = _ctx(n_frames).data
-        data.codes["mel"] = Codes(Codebook.from_codes(torch.rand(8, 16 * 16)), 16)
         assert configure("asr", data, "tiny").n_frames == n_frames
-        assert configure("tts", data, "tiny").tgt_len == (16 // 16) * (n_frames // 16)  # one token per 16x16 patch
+        assert configure("tts", data, "tiny").n_frames == n_frames  # it writes the window itself

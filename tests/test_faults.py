@@ -353,7 +353,7 @@ SERVER = "prefect.server.api.server:create_app"  # on the command line of Prefec
 
 def _fault_config(tmp: Path) -> Path:
     cfg = {"data": {"root": str(tmp / "out"), "size": 16, "n_mels": 32, "n_frames": 64, "shard_maxcount": 32},
-           "codebooks": {"pixels_k": 16, "image_k": 32, "mel_k": 32},
+           "codebooks": {"pixels_k": 16, "image_k": 32},
            "train": {"preset": "tiny", "steps": KILL_STEPS, "patience": 0, "batch_size": 8, "device": "cpu",
                      "train_overrides": {"vit": {"ckpt_every": KILL_CKPT, "eval_every": KILL_CKPT, "log_every": 10}}},
            "eval": {"max_samples": 16, "roundtrips": False},

@@ -86,10 +86,9 @@ def world(tmp_path_factory):
     return world
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not yet at this budget (measured: colour recovered 0.16 trained, 0.16 "
-                   "untrained, 400 steps, dim 64); the default t2i reads its caption only after ~1,000 steps (README)")
 def test_trained_t2i_draws_the_asked_colour(world, tmp_path):
+    """The asked colour, judged from the pixels: 0.57 trained against 0.15 untrained (400 steps, dim 64). With the
+    caption's byte embeddings at GPT-2's init (std 0.02, drowned by the positions) it was 0.16 against 0.16."""
     good, blank = trained_and_untrained(world, tmp_path, "t2i", steps=400, dim=64, dec_depth=2, dropout=0.1)
     how = Sampling(guidance=3.0, temperature=1.0, top_k=8)
     scores = {}
@@ -111,3 +110,67 @@ def test_trained_imagegpt_draws_one_coloured_thing(world, tmp_path):
               for kind, ckpt in (("trained", good), ("untrained", blank))}
     print("imagegpt coherent_share", scores)
     assert scores["trained"] >= scores["untrained"] + MARGIN, scores
+
+
+def _tiny_t2i(n_codes: int = 8, size: int = 8, patch: int = 4):
+    """An untrained tiny t2i and a stand-in batch context: the image codebook holds flat patches of grey n * 10."""
+    from types import SimpleNamespace
+
+    from models.seq2seq import Seq2Seq, text_to_image_config
+    from models.vq import Codebook
+    from tasks.train.batches import Codes
+
+    torch.manual_seed(0)
+    model = Seq2Seq(text_to_image_config(n_codes, (size // patch) ** 2, src_len=16, **table.TINY_S2S)).eval()
+    cb = Codebook.from_codes(torch.arange(n_codes).float()[:, None].repeat(1, patch * patch * 3) * 10)
+    ctx = SimpleNamespace(data=SimpleNamespace(codebook=lambda kind: Codes(cb, patch), image_size=size))
+    return model, ctx
+
+
+def test_rerank_keeps_the_best_scored_candidate():
+    """rerank=n draws n candidates per caption and keeps the one the scorer rates highest (here: the brightest);
+    rerank=1, or no scorer, draws exactly what plain sampling draws from the same seed."""
+    from tasks.eval.generate import generate_images
+
+    model, ctx = _tiny_t2i()
+    captions = ["a red circle", "a blue star", "a red circle"]
+    seen = []
+
+    def brightest(caps, pixels):
+        seen.append((list(caps), pixels.clone()))
+        return pixels.mean(dim=(1, 2, 3))
+
+    how = Sampling(guidance=2.0, top_k=None, rerank=4)
+    best = generate_images(model, ctx, captions, how, torch.Generator().manual_seed(0), scorer=brightest)
+    (caps, cands), = seen
+    assert caps == [c for c in captions for _ in range(4)] and best.shape == (3, 3, 8, 8)
+    want = cands.view(3, 4, 3, 8, 8)[torch.arange(3), cands.mean(dim=(1, 2, 3)).view(3, 4).argmax(-1)]
+    assert torch.equal(best, want)
+    plain = generate_images(model, ctx, captions, Sampling(guidance=2.0, top_k=None),
+                            torch.Generator().manual_seed(0))
+    unscored = generate_images(model, ctx, captions, how, torch.Generator().manual_seed(0))  # no scorer: rerank off
+    one = generate_images(model, ctx, captions, Sampling(guidance=2.0, top_k=None, rerank=1),
+                          torch.Generator().manual_seed(0), scorer=brightest)
+    assert torch.equal(plain, unscored) and torch.equal(plain, one)
+    with pytest.raises(ValueError, match="rerank"):
+        Sampling(rerank=0)
+
+
+def test_clip_scorer_is_the_cosine_of_image_and_caption():
+    """clip_scorer: each image's cosine with its own caption's embedding, images normalised as CLIP's batches are."""
+    from types import SimpleNamespace
+
+    from models.clip import CLIP, CLIPConfig
+    from tasks.eval.generate import clip_scorer
+    from tasks.train.batches import TOKENIZER
+
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig(img_size=8, **{**table.MODELS["clip"].tiny, "patch_size": 4})).eval()
+    cctx = SimpleNamespace(mean=torch.full((3, 1, 1), 0.5), std=torch.full((3, 1, 1), 0.25))
+    captions = ["a red circle", "a blue star", "a red circle"]
+    pixels = torch.rand(3, 3, 8, 8) * 255
+    got = clip_scorer(clip, cctx)(captions, pixels)
+    with torch.no_grad():
+        zi = clip.encode_image((pixels / 255 - 0.5) / 0.25, normalize=True)
+        zt = clip.encode_text(TOKENIZER.batch_encode(captions, clip.cfg.context_len), normalize=True)
+    assert got.shape == (3,) and torch.allclose(got, (zi * zt).sum(-1), atol=1e-5)

@@ -32,8 +32,8 @@ from models import (
     resize_pos_embed,
     sample_logits,
     text_to_image_config,
-    text_to_speech_config,
 )
+from models.tts import TTS, TTSConfig
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -59,7 +59,7 @@ TINY = {
     "imagegpt_cond": (ImageGPT, ImageGPTConfig(vocab_size=16, seq_len=24, n_classes=3, depth=2, **SMALL)),
     "audio_to_text": (Seq2Seq, audio_to_text_config(n_mels=16, n_frames=24, tgt_len=20, **S2S)),
     "text_to_image": (Seq2Seq, text_to_image_config(n_codes=16, n_tokens=12, src_len=24, **S2S)),
-    "text_to_speech": (Seq2Seq, text_to_speech_config(n_codes=16, n_tokens=16, src_len=24, **S2S)),
+    "tts": (TTS, TTSConfig(n_mels=16, n_frames=24, src_len=24, voice_dim=4, **S2S)),
     "clip": (CLIP, CLIPConfig(img_size=16, patch_size=4, **CLIP_SMALL)),
     "clip_bidir": (CLIP, CLIPConfig(img_size=16, patch_size=4, text_causal=False, **CLIP_SMALL)),
     "clap": (CLIP, CLIPConfig(tower="audio", n_mels=32, n_frames=32, mel_patch=8, fstride=8, tstride=8, **CLIP_SMALL)),
@@ -91,6 +91,11 @@ def make_batch(cfg, B: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
         else:  # VQ codes: every position is a real token
             tgt = torch.randint(0, cfg.bos_id, (B, cfg.tgt_len), generator=g)
         return {"src": src, "tgt": tgt}
+    if isinstance(cfg, TTSConfig):
+        mel = torch.randn(B, cfg.n_mels, cfg.n_frames, generator=g)
+        for b in range(B):  # each clip ends in silence, a frame later than the one before
+            mel[b, :, cfg.n_frames // 2 + b:] = -3.0
+        return {"src": TOK.batch_encode((CAPTIONS * B)[:B], cfg.src_len), "mel": mel}
     if isinstance(cfg, CLIPConfig):
         text = TOK.batch_encode((CAPTIONS * B)[:B], cfg.context_len)
         if cfg.tower == "audio":
@@ -113,11 +118,13 @@ def expected_shape(cfg, batch) -> tuple[int, ...]:
         return (B, cfg.seq_len, cfg.vocab_size)
     if isinstance(cfg, Seq2SeqConfig):
         return (B, batch["tgt"].shape[1], cfg.tgt_vocab)
+    if isinstance(cfg, TTSConfig):
+        return (B, cfg.n_mels, cfg.n_frames)
     return (B, B)
 
 
 DEFAULTS = [(ViT, ViTConfig()), (AST, ASTConfig()), (ImageGPT, ImageGPTConfig()),
-            (Seq2Seq, audio_to_text_config()), (Seq2Seq, text_to_image_config()), (Seq2Seq, text_to_speech_config()),
+            (Seq2Seq, audio_to_text_config()), (Seq2Seq, text_to_image_config()), (TTS, TTSConfig()),
             (CLIP, CLIPConfig()), (CLIP, CLIPConfig(tower="audio"))]
 
 
@@ -133,7 +140,7 @@ def test_forward_shapes_tiny(name):
 
 
 @pytest.mark.parametrize("cls,cfg", DEFAULTS, ids=["vit", "ast", "imagegpt", "audio_to_text", "text_to_image",
-                                                    "text_to_speech", "clip", "clap"])
+                                                    "tts", "clip", "clap"])
 def test_forward_shapes_default_configs(cls, cfg):
     torch.manual_seed(0)
     model = cls(cfg).eval()
@@ -237,7 +244,7 @@ def test_seq2seq_cache_matches_full_decode(name):
     assert cache.layers[0]["cross"]["k"].shape == (2, 2, memory.shape[1], 16)  # computed once, (B, nh, S, hs)
 
 
-@pytest.mark.parametrize("name", ["audio_to_text", "text_to_image", "text_to_speech"])
+@pytest.mark.parametrize("name", ["audio_to_text", "text_to_image"])
 def test_seq2seq_greedy_generate_equals_uncached_argmax(name):
     model, cfg = build(name)
     src = make_batch(cfg, B=3)["src"]
@@ -415,7 +422,7 @@ def counted_forward_flops(model, batch) -> int:
     return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("name", ["vit", "ast", "imagegpt", "audio_to_text", "text_to_image", "clip", "clap"])
+@pytest.mark.parametrize("name", ["vit", "ast", "imagegpt", "audio_to_text", "text_to_image", "tts", "clip", "clap"])
 def test_flops_match_torch_counter(name):
     model, cfg = build(name)
     batch = make_batch(cfg, B=2)
@@ -459,3 +466,76 @@ def test_docstring_parameter_counts(cls):
     doc = sys.modules[cls.__module__].__doc__
     stated = int(re.search(r"([\d,]+) parameters", doc).group(1).replace(",", ""))
     assert sum(p.numel() for p in cls().parameters()) == stated  # the default config
+
+
+# ---------------------------------------------------------------------------------------------------- regularisers
+def _vit_pair(**kw):
+    """A tiny ViT with `kw` and one without, holding the same weights."""
+    torch.manual_seed(0)
+    cfg = ViTConfig(img_size=16, patch_size=4, n_classes=5, depth=3, **SMALL)
+    plain = ViT(cfg)
+    other = ViT(ViTConfig(**{**asdict(cfg), **kw}))
+    other.load_state_dict(plain.state_dict())
+    return plain, other
+
+
+def test_drop_path_is_the_identity_at_zero_and_in_eval_mode():
+    from models.transformer import drop_path
+
+    plain, dropped = _vit_pair(drop_path=0.5)
+    assert [b.drop_path for b in dropped.encoder.transformer.blocks] == [0.0, 0.25, 0.5]  # linear, as DeiT
+    assert sum(p.numel() for p in ViT(ViTConfig(drop_path=0.3)).parameters()) == 2_693_578  # no new parameters
+    x = torch.randn(6, 3, 16, 16)
+    torch.testing.assert_close(dropped.eval()(dict(image=x))[0], plain.eval()(dict(image=x))[0], rtol=0, atol=0)
+    plain.train()
+    rng = torch.get_rng_state()
+    train_out = plain(dict(image=x))[0]
+    assert torch.equal(torch.get_rng_state(), rng)  # p = 0 draws nothing: existing models' runs are unchanged
+    torch.testing.assert_close(train_out, plain.eval()(dict(image=x))[0], rtol=0, atol=0)
+    dropped.train()
+    assert not torch.allclose(dropped(dict(image=x))[0], train_out)
+    branch = torch.ones(4000, 3, 2)
+    out = drop_path(branch, 0.25, training=True)
+    per_sample = out[:, 0, 0]
+    assert ((per_sample == 0) | (per_sample == 1 / 0.75)).all() and (out == per_sample[:, None, None]).all()
+    assert abs(float((per_sample == 0).float().mean()) - 0.25) < 0.03  # dropped with probability p, mean kept
+    assert drop_path(branch, 0.25, training=False) is branch and drop_path(branch, 0.0, training=True) is branch
+
+
+def test_label_smoothing_follows_cross_entropy_and_only_in_training():
+    plain, smooth = _vit_pair(label_smoothing=0.1)
+    torch.manual_seed(1)
+    batch = dict(image=torch.randn(8, 3, 16, 16), label=torch.randint(0, 5, (8,)))
+    logits, ce = plain.eval()(batch)
+    logp = logits.log_softmax(-1)
+    nll = -logp.gather(1, batch["label"][:, None]).mean()
+    uniform = -logp.mean()  # cross-entropy against the uniform distribution over the 5 classes
+    _, loss = smooth.train()(batch)
+    torch.testing.assert_close(loss, 0.9 * nll + 0.1 * uniform)
+    assert loss > ce  # the model's guesses are not uniform, so smoothing raises the loss
+    torch.testing.assert_close(smooth.eval()(batch)[1], ce)  # evaluation reports plain cross-entropy
+    soft = torch.nn.functional.one_hot(batch["label"], 5).float()  # soft targets (mixup, cutmix) are accepted
+    torch.testing.assert_close(smooth.train()(dict(batch, label=soft))[1], loss)
+
+
+def test_tts_lays_the_bytes_out_in_order_and_speaks_in_the_reference_voice():
+    """Gaussian upsampling at equal shares: the byte each query mixes most moves forward with time, from the first
+    bytes to the last. The speech length is the frame after the last loud one. A different reference voice changes the
+    generated spectrogram; generating without one is a clear error."""
+    model, cfg = build("tts")
+    batch = make_batch(cfg, B=2)
+    memory, mask, _, share = model.encode(batch["src"], batch["mel"])
+    assert torch.allclose(share.sum(-1), torch.ones(2)) and (share[~mask] == 0).all()
+    torch.testing.assert_close(model.speech_length(batch["mel"]), torch.tensor([12.0, 13.0]))  # silent from 12, 13
+    n = int(mask[0].sum())
+    eye = torch.eye(memory.shape[1])[None].expand(1, -1, -1)  # memory = one-hot byte index: the mix is the weights
+    w = model.upsample(eye, mask[:1], torch.full((1, memory.shape[1]), 1.0 / n) * mask[:1], torch.tensor([24.0]))
+    nearest = w[0].argmax(-1)  # (n_q,) the byte each query is made of most: queries every 4 of 24 frames, bytes
+    assert torch.allclose(w.sum(-1), torch.ones(1, 6))  # every 24 / n frames, so the first query sits on byte 1
+    assert nearest[0] <= 1 and nearest[-1] >= n - 2 and (nearest.diff() > 0).all()
+    with torch.no_grad():
+        a = model.generate(batch["src"], batch["mel"])
+        b = model.generate(batch["src"], batch["mel"].flip(0))
+    assert a.shape == (2, cfg.n_mels, cfg.n_frames) and not torch.allclose(a, b)
+    with pytest.raises(ValueError, match="reference voice"):
+        model.generate(batch["src"])

@@ -46,7 +46,7 @@ def _read_states(flow_run_id) -> dict[str, str]:
 def _params(root, **train) -> PipelineParams:
     return PipelineParams(
         data=DataParams(root=root, size=72, n_mels=32, n_frames=64, shard_maxcount=32),
-        codebooks=CodebookParams(pixels_k=16, image_k=32, mel_k=32),
+        codebooks=CodebookParams(pixels_k=16, image_k=32),
         train=TrainParams(preset="tiny", steps=6, batch_size=8, **train),
         eval=EvalParams(max_samples=16),
     )

@@ -43,7 +43,7 @@ def small_run(tmp_path_factory):
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
     params = PipelineParams(
         data=DataParams(root=root / "out", size=800, n_mels=64, n_frames=128, shard_maxcount=200),
-        codebooks=CodebookParams(pixels_k=16, image_k=32, mel_k=32, iters=5, min_usage=0.0),
+        codebooks=CodebookParams(pixels_k=16, image_k=32, iters=5, min_usage=0.0),
         train=TrainParams(models=list(TRAIN), train_overrides=TRAIN, model_overrides=MODEL),
         eval=EvalParams(max_samples=None, roundtrips=False),
     )

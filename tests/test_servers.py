@@ -214,7 +214,7 @@ def test_deploy_errors_name_the_value_and_the_fix(servers, capsys):
 def _tiny_retrain(root: Path) -> dict:
     return {"params": {
         "data": {"root": str(root), "size": 16, "n_mels": 32, "n_frames": 64, "shard_maxcount": 32},
-        "codebooks": {"pixels_k": 16, "image_k": 32, "mel_k": 32},
+        "codebooks": {"pixels_k": 16, "image_k": 32},
         "train": {"models": ["vit"], "preset": "tiny", "steps": 6, "batch_size": 8, "device": "cpu"},
         "eval": {"max_samples": 16},
         "experiment": EXPERIMENT,

@@ -158,8 +158,10 @@ def test_every_model_gets_its_batch_and_a_finite_loss(name, prep, codebooks):
             assert (int(correct), count) == (int((output.argmax(-1) == truth).sum()), 4)
     if name == "imagegpt":
         assert batch["tokens"].shape == (4, 8 * 8) and int(batch["tokens"].max()) < 8
-    if name in ("t2i", "tts"):
+    if name == "t2i":
         assert int(batch["tgt"].max()) < 8 and batch["tgt"].shape[1] == cfg.tgt_len
+    if name == "tts":  # the log-mel itself, no codebook
+        assert batch["mel"].shape == (4, cfg.n_mels, cfg.n_frames) and batch["src"].shape == (4, cfg.src_len)
 
 
 def test_missing_codebook_is_a_clear_error(prep):

@@ -6,6 +6,10 @@
 Each codebook is saved as {"config": {...}, "state_dict": ...} (loadable with torch.load(weights_only=True)),
 with its quality (distortion, usage, perplexity) and a usage histogram. A codebook that uses fewer than
 `min_usage` of its codes fails the stage: collapsed tokens would quietly starve the generative models.
+
+Where the image codebook's codes go (built-in set, k=256): 74% of the train patches are one flat colour and 9 codes
+(3 backgrounds, 6 shape colours) take them at mse 0.1; the other 247 codes share the edge patches (mse 450 per
+element): every edge shape has to be learnt once per foreground x background pair (18), which is what more codes buy.
 """
 
 from __future__ import annotations
@@ -30,6 +34,14 @@ class CodebookCollapseError(ValueError):
 @dataclass(frozen=True)
 class CodebookConfig:
     pixels_k: int = 64  # ImageGPT palette size (the built-in set has few colours; ImageGPT used 512 on photos)
+    # image_k, measured on the built-in set (test split, 368 images; the trained ViT names 0.88 of them as they are):
+    # the ViT on test images passed through the 4x4-patch codebook, k = 256 / 512 / 1,024 / 2,048: 0.67 / 0.73 /
+    # 0.78 / 0.79 (fit on the prep sample of 50,960 patches; on all 93,184 train patches 1,024: 0.80, 2,048: 0.83).
+    # 50 iterations instead of 25, or k-means on the 25,714 distinct patches only, change it by <= 0.01. 2x2 patches
+    # (256 tokens an image) k = 256 / 512 / 1,024: 0.84 / 0.86 / 0.85. Yet t2i learns less from more codes at its
+    # default 1,200 steps (round trip, guidance 3, 64 a prompt), k = 256 / 512 / 1,024: colour 0.69 / 0.63 / 0.53,
+    # shape 0.25 / 0.25 / 0.25 (best of 4 by CLIP: colour 0.83 / 0.79 / 0.73, shape 0.42 / 0.44 / 0.42): shape is not
+    # held back by the codebook at this budget, and colour drops with more codes. So 256 stays.
     image_k: int = 256
     mel_k: int = 256
     iters: int = 25

@@ -1,6 +1,7 @@
 """From the models' normalised log-mel back to sound, and from sound back to their input: Griffin-Lim, WAVs, plots.
 
-    generate_speech(tts, ctx, texts)  transcripts -> mel-patch codes (greedy, or guided) -> normalised log-mel
+    reference_voices(ctx)             the first clips of the train split: the voices speech is generated in
+    generate_speech(tts, ctx, texts)  transcripts -> normalised log-mel (models/tts.py), in those voices in turn
     vocode(stats, mel)                normalised log-mel -> waveform, with the prep folder's mel config and statistics
 
     normalised log-mel (B, n_mels, n_frames)  --x std + mean, exp-->  mel power (B, n_mels, n_frames)
@@ -25,10 +26,10 @@ import soundfile as sf
 import torch
 import torchaudio
 
-from models.vq import tokens_to_spec
+from tasks.data import loader
 from tasks.data.features import MelConfig, log_mel
-from tasks.eval.generate import TTS_SAMPLING, Sampling, sample_seq2seq
-from tasks.train.batches import TOKENIZER, BatchContext
+from tasks.data.shards import shard_urls
+from tasks.train.batches import TOKENIZER, BatchContext, mels
 
 GRIFFIN_LIM_ITERS = 32
 SEED = 0  # Griffin-Lim's random initial phase: the same mel gives the same waveform
@@ -77,13 +78,28 @@ def vocode(stats: dict, mel: torch.Tensor) -> torch.Tensor:
     return mel_to_wave(mel, mel_config(stats), stats["audio"]["mean"], stats["audio"]["std"])
 
 
+N_VOICES = 8  # reference clips speech is generated in (the train split's first, in shard order)
+
+
+@lru_cache(maxsize=4)
+def _voices(prep_dir: str, n: int, n_frames: int) -> torch.Tensor:
+    urls = shard_urls(prep_dir, "audio", "train")
+    first = next(iter(loader.batches(urls, n, train=False, split_nodes=False)))
+    return mels(first, n_frames)  # (n, n_mels, n_frames)
+
+
+def reference_voices(ctx: BatchContext, n: int = N_VOICES) -> torch.Tensor:
+    """The voices generated speech is spoken in: the first n clips of the train split -> (n, n_mels, n_frames)."""
+    return _voices(str(ctx.data.prep_dir), n, ctx.data.mel_grid[1])
+
+
 @torch.no_grad()
-def generate_speech(model, ctx: BatchContext, texts: list[str], how: Sampling = TTS_SAMPLING) -> torch.Tensor:
-    """tts: B transcripts -> normalised log-mel (B, n_mels, n_frames), codes (greedy by default, guided when
-    how.guidance != 1) decoded through the mel codebook."""
-    codes = ctx.data.codebook("mel")
-    tokens = sample_seq2seq(model, TOKENIZER.batch_encode(texts, model.cfg.src_len), how)  # (B, n_patches)
-    return tokens_to_spec(codes.codebook, tokens, codes.patch, *ctx.data.mel_grid)
+def generate_speech(model, ctx: BatchContext, texts: list[str], voices: torch.Tensor | None = None) -> torch.Tensor:
+    """tts: B transcripts -> normalised log-mel (B, n_mels, n_frames), text i spoken in voice i mod n_voices
+    (default: reference_voices)."""
+    voices = reference_voices(ctx) if voices is None else voices
+    refs = voices[torch.arange(len(texts)) % len(voices)]  # (B, n_mels, n_frames)
+    return model.generate(TOKENIZER.batch_encode(texts, model.cfg.src_len), refs)
 
 
 def wave_to_model_mel(wave: torch.Tensor, cfg: MelConfig, mean: float, std: float) -> torch.Tensor:

@@ -4,7 +4,7 @@
         vit, ast        accuracy, top-5, per-class table (CSV + markdown), confusion matrix PNG, held-out combos
         imagegpt        held-out bits/token (teacher forced) + grids of unconditional samples and of completions
         t2i             held-out bits/token + images generated from test captions (decoded through the codebook)
-        tts             held-out bits/token + speech from test transcripts (codebook -> mel -> Griffin-Lim) as WAVs
+        tts             mel L1 (teacher-forced and free) + speech from test transcripts (Griffin-Lim) as WAVs
         asr             CER and WER of greedy transcripts + an examples table
         clip            zero-shot accuracy (shape, colour, colour+shape; prompt ensembles) + recall@1/5/10 both ways
 Which evaluation a model gets is its table entry's `evaluation` (tasks/train/table.py), the key of EVALUATIONS.
@@ -174,6 +174,23 @@ def eval_t2i(run: Run) -> tuple[dict, list[str]]:
     return nll_bits(run), ["Samples (top) and the test images of their captions: ![](samples.png)"]
 
 
+def mel_error(run: Run) -> dict[str, float]:
+    """Text-to-speech over the split: L1 to the real normalised log-mel, teacher-forced (each clip's own length and
+    voice: `mel_l1`) and free-running (predicted length, the clip's voice: `free_mel_l1`), and the length error."""
+    l1, free, frames, n = 0.0, 0.0, 0.0, 0
+    for samples in run.samples():
+        batch = run.batch(samples)
+        target = batch["mel"].float()  # (B, n_mels, n_frames)
+        fine, _ = run.model(batch)
+        spoken = run.model.generate(batch["src"], target)
+        l1 += (fine.float() - target).abs().mean((1, 2)).sum().item()
+        free += (spoken.float() - target).abs().mean((1, 2)).sum().item()
+        frames += (run.model.speech_length(spoken) - run.model.speech_length(target)).abs().sum().item()
+        n += len(samples)
+    return {"mel_l1": l1 / max(n, 1), "free_mel_l1": free / max(n, 1), "length_error_frames": frames / max(n, 1),
+            "n": float(n)}
+
+
 def eval_tts(run: Run) -> tuple[dict, list[str]]:
     samples = run.first(N_SHOW)
     texts = [s["info"].get("text") or "" for s in samples]
@@ -185,7 +202,8 @@ def eval_tts(run: Run) -> tuple[dict, list[str]]:
         audio_out.write_wavs(audio_out.vocode(run.ctx.data.stats, mel), sr, run.out / "wav", prefix)
     audio_out.spectrogram_plot(generated, reference, texts, run.out / "spectrograms.png")
     rows = [(f"generated_{i:02d}.wav", t) for i, t in enumerate(texts)]
-    return nll_bits(run), ["### Generated speech", table(("file", "transcript"), rows)]
+    return mel_error(run), ["### Generated speech (in the train split's first voices, in turn)",
+                            table(("file", "transcript"), rows)]
 
 
 def transcribe(model, mel: torch.Tensor) -> list[str]:

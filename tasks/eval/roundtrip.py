@@ -1,9 +1,10 @@
 """Round trips across modalities, judged by the other trained models and by pixel statistics.
 
-    roundtrip_t2i:      prompt -> t2i -> SAMPLES_PER_PROMPT images (seeded) -> the trained ViT names the shape, the
-                        dominant foreground colour (dominant_colour, against the built-in palette and backgrounds)
-                        names the colour; CLIP's zero-shot shape and colour are reported beside them, not as judges
-                        (a CLIP that re-ranked the samples could not judge them). A grid per prompt.
+    roundtrip_t2i:      prompt -> t2i -> SAMPLES_PER_PROMPT images (seeded; each the best of T2I_SAMPLING.rerank
+                        candidates by the trained CLIP) -> the trained ViT names the shape, the dominant foreground
+                        colour (dominant_colour, against the built-in palette and backgrounds) names the colour;
+                        CLIP's zero-shot shape and colour are reported beside them, not as judges (the CLIP that
+                        re-ranked the samples cannot judge them). A grid per prompt.
     roundtrip_imagegpt: unconditional samples and completions of test images from their top half -> the ViT (shape)
                         and colour_purity (one coloured thing, or scattered pixels?).
     roundtrip_tts:      transcript -> tts -> Griffin-Lim waveform -> log-mel -> asr: CER against the transcript.
@@ -25,8 +26,8 @@ from tasks.data.builtin.vocab import COLOURS, Vocabulary
 from tasks.eval import audio_out
 from tasks.eval.evaluate import (BATCH_SIZE, N_EXAMPLES, N_SHOW, SEED, Run, amp, load_model, transcribe, zero_shot,
                                  zero_shot_classifiers)
-from tasks.eval.generate import (IMAGEGPT_SAMPLING, T2I_SAMPLING, Sampling, complete_images, generate_images,
-                                 imagegpt_pixels)
+from tasks.eval.generate import (IMAGEGPT_SAMPLING, T2I_SAMPLING, Sampling, clip_scorer, complete_images,
+                                 generate_images, imagegpt_pixels)
 from tasks.eval.metrics import cer, wer
 from tasks.eval.report import finish, image_grid, table
 from tasks.infra.common import atomic_dir
@@ -125,6 +126,8 @@ def roundtrip_t2i(t2i_ckpt: Path, classifier_ckpt: Path, clip_ckpt: Path | None,
     foreground colour by pixel statistics (dominant_colour) names the colour; CLIP's zero-shot shape and colour are
     reported beside them. Metrics: the fractions of images whose asked shape / colour / both are recovered, over every
     prompt, the seen pairs and the held-out pairs; the ViT's mean top-1 probability. A grid per prompt.
+    how.rerank > 1: each image is the best of that many candidates by CLIP (clip_scorer); with no clip_ckpt, one
+    candidate (metrics "rerank" says which).
 
     vocab: the shapes, colours and held-out pairs the prompts name (default prompts: every pair of it)."""
     prompts = list(prompts or vocab.prompts())
@@ -132,8 +135,9 @@ def roundtrip_t2i(t2i_ckpt: Path, classifier_ckpt: Path, clip_ckpt: Path | None,
     _, vit, vctx = load_model(classifier_ckpt, prep_dir, role="image-classifier")
     clip, cctx = load_model(clip_ckpt, prep_dir, role="image-text")[1:] if clip_ckpt else (None, None)
     asked = [p for p in prompts for _ in range(samples)]  # prompt-major: asked[i * samples + j]
+    scorer = clip_scorer(clip, cctx) if clip is not None and how.rerank > 1 else None
     with amp():
-        pixels = generate_images(t2i, tctx, asked, how, torch.Generator().manual_seed(SEED))  # (N, 3, S, S)
+        pixels = generate_images(t2i, tctx, asked, how, torch.Generator().manual_seed(SEED), scorer=scorer)
     got = _judge_images(pixels, vit, vctx, clip, cctx, vocab)
     wanted = [vocab.wanted(p) for p in asked]
     want = {"shape": [s for s, _ in wanted], "colour": [c for _, c in wanted]}
@@ -142,7 +146,9 @@ def roundtrip_t2i(t2i_ckpt: Path, classifier_ckpt: Path, clip_ckpt: Path | None,
         want[f"clip_{k}"] = want[k]
     heldout = [pair in vocab.heldout for pair in wanted]
     metrics = {"n": float(len(asked)), "samples_per_prompt": float(samples), "guidance": how.guidance,
-               "temperature": how.temperature, **subset_rates(got, want, heldout),
+               "temperature": how.temperature, "top_k": float(how.top_k or 0),
+               "rerank": float(how.rerank if scorer else 1),
+               **subset_rates(got, want, heldout),
                "vit_top1_probability": sum(got["shape_p"]) / len(asked)}
     record: dict = {}
     with atomic_dir(out_dir, record) as tmp:
@@ -241,7 +247,8 @@ def roundtrip_tts(tts_ckpt: Path, asr_ckpt: Path, prep_dir: Path, codebooks: dic
                   max_samples: int | None = 32) -> dict:
     """Speak each text (default: the split's transcripts) with tts, through Griffin-Lim to a waveform and back to a
     normalised log-mel, and transcribe it with asr. Metrics: CER/WER against the text, and `direct_cer` of asr on the
-    codebook spectrogram itself (no vocoder), which separates what Griffin-Lim loses from what tts gets wrong.
+    generated spectrogram itself (no vocoder), which separates what Griffin-Lim loses from what tts gets wrong.
+    Text i is spoken in the voice of the train split's clip i mod N_VOICES (audio_out.reference_voices).
     vocab is not needed (the text is the judge's target); it is taken for a signature common to every round trip."""
     name, tts, ctx = load_model(tts_ckpt, prep_dir, codebooks, role="speech-generator")
     _, asr, _ = load_model(asr_ckpt, prep_dir, role="speech-recogniser")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from models.tokenizer import PAD_ID, ByteTokenizer
-from models.vq import Codebook, image_to_tokens, spec_to_tokens
+from models.vq import Codebook, image_to_tokens
 from tasks.data import codebook as codebook_lib
 from tasks.infra import storage
 
@@ -244,14 +244,9 @@ def t2i_batch(samples, ctx):
     return {"src": texts(drop_captions(samples, T2I_CAPTION_DROPOUT), ctx.cfg.src_len), "tgt": tgt}
 
 
-TTS_TEXT_DROPOUT = 0.0  # the same for text-to-speech's transcripts (guided decoding: tasks/eval/generate.py)
-
-
 def tts_batch(samples, ctx):
-    codes = ctx.data.codebook("mel")
-    mel = mels(samples, ctx.data.mel_grid[1])  # (B, n_mels, n_frames): the first window
-    src = texts(drop_captions(samples, TTS_TEXT_DROPOUT), ctx.cfg.src_len)
-    return {"src": src, "tgt": spec_to_tokens(codes.codebook, mel, codes.patch)}
+    """Text-to-speech regresses the first window's normalised log-mel itself (models/tts.py): no codebook."""
+    return {"src": texts(samples, ctx.cfg.src_len), "mel": mels(samples, ctx.data.mel_grid[1])}
 
 
 def clip_batch(samples, ctx):
@@ -260,8 +255,10 @@ def clip_batch(samples, ctx):
 
 # ---------------------------------------------------------------------------------------------------- accuracy
 def label_accuracy(output: torch.Tensor, batch: dict) -> tuple[torch.Tensor, int]:
-    """Classifiers: (correct, count) of argmax logits (B, C) against batch["label"]."""
-    return (output.argmax(-1) == batch["label"]).sum(), len(batch["label"])
+    """Classifiers: (correct, count) of argmax logits (B, C) against batch["label"] (B,), or against the most likely
+    class of soft targets (B, C) (mixup, cutmix)."""
+    label = batch["label"].argmax(-1) if batch["label"].ndim == 2 else batch["label"]
+    return (output.argmax(-1) == label).sum(), len(label)
 
 
 def token_accuracy(output: torch.Tensor, batch: dict) -> tuple[torch.Tensor, int]:

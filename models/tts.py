@@ -1,0 +1,154 @@
+"""Text-to-speech by mel-frame regression (non-autoregressive, FastSpeech-like; Ren et al. 2019), on bytes.
+
+    memory  = Encoder(Embed(bytes) + pos) + W_v mean_spectrum(reference)     (B, Ls, D), pad bytes masked
+    length  = Linear(mean(memory))                                           log of the speech's length in frames
+    shares  = softmax(Linear(memory))                                        each byte's share of that length
+    queries = GaussianUpsample(memory, shares * length) + E_frame            (B, n_frames / r, D), r frames each
+    mel     = Linear(Decoder(queries, cross-attention to memory))           (B, n_mels, n_frames)
+
+No codebook: the decoder writes the normalised log-mel itself, trained by L1 to the target. Gaussian upsampling (EATS,
+Donahue et al. 2020; Non-Attentive Tacotron) lays the bytes out in order along the time axis, byte i over
+shares_i * length frames, so the alignment is monotonic by construction and the shares are learned through it. The
+length head is trained on the target's speech length (frames up to the last louder than `silence`), which also places
+the queries in training (teacher forcing); at inference it is predicted. Speakers differ (voice, pitch, rate), and a
+regression to their average is a blur, so each clip is spoken in a reference voice (Skerry-Ryan et al. 2018, here its
+mean spectrum over its loud frames): in training the clip itself, at inference any clip. The vocoder (Griffin-Lim)
+lives in tasks/.
+Default config (D=128, 2 + 3 layers, 4 heads, 128 mels x 128 frames, r=4, 24 bytes): 1,327,362 parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.embeddings import sinusoidal
+from models.tokenizer import PAD_ID, VOCAB_SIZE
+from models.transformer import Transformer, init_weights
+
+
+@dataclass(frozen=True)
+class TTSConfig:
+    src_vocab: int = VOCAB_SIZE
+    src_pad_id: int = PAD_ID
+    src_len: int = 24  # longest byte source
+    n_mels: int = 128
+    n_frames: int = 128  # the window the decoder writes
+    reduction: int = 4  # frames per decoder position (Tacotron's r)
+    dim: int = 128
+    enc_depth: int = 2
+    dec_depth: int = 3
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+    voice_dim: int = 128  # speak in a reference clip's voice (its mean loud spectrum, through this many numbers)
+    sigma: float = 4.0  # Gaussian upsampling's width, frames
+    silence: float = -1.0  # a frame whose mean normalised log-mel is below this is silence (speech length)
+
+
+class TTS(nn.Module):
+    """batch {"src": (B, Ls) byte ids, "mel": (B, n_mels, n_frames)} -> (mel (B, n_mels, n_frames), loss)."""
+
+    def __init__(self, cfg: TTSConfig = TTSConfig()):
+        super().__init__()
+        if cfg.n_frames % cfg.reduction:
+            raise ValueError(f"n_frames={cfg.n_frames} is not a multiple of reduction={cfg.reduction}")
+        self.cfg = cfg
+        n_q = cfg.n_frames // cfg.reduction
+        self.src_embed = nn.Embedding(cfg.src_vocab, cfg.dim)
+        self.register_buffer("src_pos", sinusoidal(cfg.src_len, cfg.dim), persistent=False)  # (Ls, D)
+        self.encoder = Transformer(cfg.dim, cfg.enc_depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout)
+        # the reference's mean spectrum (measured, round-trip CER on the built-in set: no voice 0.37, through 8
+        # numbers 0.34, one linear map 0.26, through 128 numbers 0.25 at 1,600 steps and 0.40 at 800 with the length
+        # head reading the text alone, not the voice: the voice tells the speaking rate)
+        self.voice = nn.Sequential(nn.Linear(cfg.n_mels, cfg.voice_dim), nn.Linear(cfg.voice_dim, cfg.dim)) \
+            if cfg.voice_dim else None
+        self.length_head = nn.Linear(cfg.dim, 1)  # log of the speech length in frames
+        self.dur_head = nn.Linear(cfg.dim, 1)  # each byte's share of the speech (softmax over the text)
+        self.frame_pos = nn.Parameter(torch.zeros(n_q, cfg.dim))  # absolute position of each query, learned
+        self.decoder = Transformer(cfg.dim, cfg.dec_depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cross=True)
+        self.head = nn.Linear(cfg.dim, cfg.reduction * cfg.n_mels)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.apply(init_weights)
+        nn.init.normal_(self.frame_pos, std=0.02)
+        # as large as the sinusoidal positions it is added to: at init's std 0.02 the positions drown the bytes and
+        # the model learns one spectrogram per length, whatever the text (README "What the models learn")
+        nn.init.normal_(self.src_embed.weight, std=1.0)
+        nn.init.zeros_(self.dur_head.weight)  # every byte an equal share to start with
+
+    def encode(self, src: torch.Tensor, ref: torch.Tensor | None = None):
+        """(B, Ls) bytes, reference log-mel (B, n_mels, T) or None -> (memory (B, Ls, D), mask (B, Ls) True for real
+        bytes, log length (B,), byte shares (B, Ls)); the reference's voice is added to every memory position."""
+        if src.shape[1] > self.cfg.src_len:
+            raise ValueError(f"source of {src.shape[1]} bytes is longer than src_len={self.cfg.src_len}")
+        mask = src != self.cfg.src_pad_id
+        x = self.drop(self.src_embed(src) + self.src_pos[: src.shape[1]])  # (B, Ls, D)
+        memory = self.encoder(x, key_mask=mask)  # (B, Ls, D)
+        if self.voice is not None:
+            memory = memory + self.voice(self.mean_spectrum(ref).to(memory.dtype))[:, None]  # (B, Ls, D)
+        pooled = (memory * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)  # (B, D): text and voice
+        share = self.dur_head(memory).squeeze(-1).float().masked_fill(~mask, float("-inf")).softmax(-1)  # (B, Ls)
+        return memory, mask, self.length_head(pooled).squeeze(-1), share
+
+    def mean_spectrum(self, mel: torch.Tensor) -> torch.Tensor:
+        """(B, n_mels, T) -> (B, n_mels): the mean over the loud frames, the voice's timbre and pitch region."""
+        loud = (mel.mean(1, keepdim=True) > self.cfg.silence).to(mel.dtype)  # (B, 1, T)
+        return (mel * loud).sum(-1) / loud.sum(-1).clamp_min(1)
+
+    def speech_length(self, mel: torch.Tensor) -> torch.Tensor:
+        """(B, n_mels, T) normalised log-mel -> (B,) float frames up to the last non-silent one (at least 1)."""
+        loud = mel.mean(1) > self.cfg.silence  # (B, T)
+        t = torch.arange(1, mel.shape[-1] + 1, device=mel.device)
+        return (loud * t).amax(-1).clamp_min(1).float()
+
+    def upsample(self, memory, mask, share, length) -> torch.Tensor:
+        """Gaussian upsampling (EATS, Non-Attentive Tacotron): byte i spans share_i * length frames in order; each
+        query (a group of r frames) is the mix of the bytes whose span centres lie near it -> (B, n_frames / r, D)."""
+        c = self.cfg
+        ends = share.cumsum(-1) * length[:, None]  # (B, Ls) frames
+        centres = ends - share * length[:, None] / 2  # (B, Ls)
+        t = (torch.arange(c.n_frames // c.reduction, device=memory.device) + 0.5) * c.reduction  # (n_q,) frames
+        logits = -((t[None, :, None] - centres[:, None, :]) ** 2) / (2 * c.sigma ** 2)  # (B, n_q, Ls)
+        w = logits.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)  # (B, n_q, Ls)
+        return w.to(memory.dtype) @ memory  # (B, n_q, D)
+
+    def decode(self, memory, mask, share, length: torch.Tensor) -> torch.Tensor:
+        """-> normalised log-mel (B, n_mels, n_frames); length (B,) in frames."""
+        c = self.cfg
+        B, n_q = memory.shape[0], c.n_frames // c.reduction
+        q = self.upsample(memory, mask, share, length) + self.frame_pos[None]  # (B, n_q, D)
+        y = self.decoder(self.drop(q), memory=memory, memory_mask=mask)  # (B, n_q, D), final LayerNorm applied
+        return self.head(y).view(B, n_q, c.reduction, c.n_mels).flatten(1, 2).transpose(1, 2)  # (B, n_mels, T)
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        target = batch["mel"].float()  # (B, n_mels, n_frames)
+        memory, mask, log_len, share = self.encode(batch["src"], target)  # the clip is its own voice reference
+        length = self.speech_length(target)  # (B,) teacher-forced: the real length places the queries
+        mel = self.decode(memory, mask, share, length)
+        return mel, F.l1_loss(mel.float(), target) + F.mse_loss(log_len.float(), length.log())
+
+    @torch.no_grad()
+    def generate(self, src: torch.Tensor, ref: torch.Tensor | None = None,
+                 length: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, Ls) byte ids, reference log-mels (B, n_mels, T) whose voices to speak in -> normalised log-mel
+        (B, n_mels, n_frames); length (B,) frames, default predicted (from the text and the voice)."""
+        if self.voice is not None and ref is None:
+            raise ValueError("this model speaks in a reference voice: pass ref, a (B, n_mels, T) log-mel")
+        memory, mask, log_len, share = self.encode(src, ref)
+        if length is None:
+            length = log_len.float().exp().clamp(1, self.cfg.n_frames)
+        return self.decode(memory, mask, share, length.float())
+
+    def flops_per_sample(self, train: bool = True) -> int:
+        """Matmul FLOPs for one (text, mel) pair: encoder over Ls, the voice's two maps, the share and length heads,
+        the upsampling's mix, decoder over n_frames / r with cross-attention, the frame head (x3 when train)."""
+        c = self.cfg
+        n_q = c.n_frames // c.reduction
+        voice = 2 * c.voice_dim * (c.n_mels + c.dim)
+        heads = 2 * c.src_len * c.dim + 2 * c.dim
+        fwd = (self.encoder.flops(c.src_len) + voice + heads + 2 * n_q * c.src_len * c.dim
+               + self.decoder.flops(n_q, c.src_len) + 2 * n_q * c.dim * c.reduction * c.n_mels)
+        return 3 * fwd if train else fwd
