@@ -44,7 +44,7 @@ class TTSConfig:
     n_heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.1
-    voice_dim: int = 128  # speak in a reference clip's voice (its mean loud spectrum, through this many numbers)
+    voice_dim: int = 128  # a reference clip's voice: its mean loud spectrum through this many numbers (0: none)
     sigma: float = 4.0  # Gaussian upsampling's width, frames
     silence: float = -1.0  # a frame whose mean normalised log-mel is below this is silence (speech length)
 
@@ -57,7 +57,6 @@ class TTS(nn.Module):
         if cfg.n_frames % cfg.reduction:
             raise ValueError(f"n_frames={cfg.n_frames} is not a multiple of reduction={cfg.reduction}")
         self.cfg = cfg
-        n_q = cfg.n_frames // cfg.reduction
         self.src_embed = nn.Embedding(cfg.src_vocab, cfg.dim)
         self.register_buffer("src_pos", sinusoidal(cfg.src_len, cfg.dim), persistent=False)  # (Ls, D)
         self.encoder = Transformer(cfg.dim, cfg.enc_depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout)
@@ -68,7 +67,7 @@ class TTS(nn.Module):
             if cfg.voice_dim else None
         self.length_head = nn.Linear(cfg.dim, 1)  # log of the speech length in frames
         self.dur_head = nn.Linear(cfg.dim, 1)  # each byte's share of the speech (softmax over the text)
-        self.frame_pos = nn.Parameter(torch.zeros(n_q, cfg.dim))  # absolute position of each query, learned
+        self.frame_pos = nn.Parameter(torch.zeros(self.n_queries, cfg.dim))  # absolute position of each query, learned
         self.decoder = Transformer(cfg.dim, cfg.dec_depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cross=True)
         self.head = nn.Linear(cfg.dim, cfg.reduction * cfg.n_mels)
         self.drop = nn.Dropout(cfg.dropout)
@@ -78,6 +77,15 @@ class TTS(nn.Module):
         # the model learns one spectrogram per length, whatever the text (README "What the models learn")
         nn.init.normal_(self.src_embed.weight, std=1.0)
         nn.init.zeros_(self.dur_head.weight)  # every byte an equal share to start with
+
+    @property
+    def n_queries(self) -> int:
+        """Decoder positions: one per `reduction` frames."""
+        return self.cfg.n_frames // self.cfg.reduction
+
+    def loud(self, mel: torch.Tensor) -> torch.Tensor:
+        """(B, n_mels, T) normalised log-mel -> (B, T) bool: frames whose mean is above `silence`."""
+        return mel.mean(1) > self.cfg.silence
 
     def encode(self, src: torch.Tensor, ref: torch.Tensor | None = None):
         """(B, Ls) bytes, reference log-mel (B, n_mels, T) or None -> (memory (B, Ls, D), mask (B, Ls) True for real
@@ -95,12 +103,12 @@ class TTS(nn.Module):
 
     def mean_spectrum(self, mel: torch.Tensor) -> torch.Tensor:
         """(B, n_mels, T) -> (B, n_mels): the mean over the loud frames, the voice's timbre and pitch region."""
-        loud = (mel.mean(1, keepdim=True) > self.cfg.silence).to(mel.dtype)  # (B, 1, T)
+        loud = self.loud(mel)[:, None].to(mel.dtype)  # (B, 1, T)
         return (mel * loud).sum(-1) / loud.sum(-1).clamp_min(1)
 
     def speech_length(self, mel: torch.Tensor) -> torch.Tensor:
         """(B, n_mels, T) normalised log-mel -> (B,) float frames up to the last non-silent one (at least 1)."""
-        loud = mel.mean(1) > self.cfg.silence  # (B, T)
+        loud = self.loud(mel)  # (B, T)
         t = torch.arange(1, mel.shape[-1] + 1, device=mel.device)
         return (loud * t).amax(-1).clamp_min(1).float()
 
@@ -110,7 +118,7 @@ class TTS(nn.Module):
         c = self.cfg
         ends = share.cumsum(-1) * length[:, None]  # (B, Ls) frames
         centres = ends - share * length[:, None] / 2  # (B, Ls)
-        t = (torch.arange(c.n_frames // c.reduction, device=memory.device) + 0.5) * c.reduction  # (n_q,) frames
+        t = (torch.arange(self.n_queries, device=memory.device) + 0.5) * c.reduction  # (n_q,) frames
         logits = -((t[None, :, None] - centres[:, None, :]) ** 2) / (2 * c.sigma ** 2)  # (B, n_q, Ls)
         w = logits.masked_fill(~mask[:, None, :], float("-inf")).softmax(-1)  # (B, n_q, Ls)
         return w.to(memory.dtype) @ memory  # (B, n_q, D)
@@ -118,7 +126,7 @@ class TTS(nn.Module):
     def decode(self, memory, mask, share, length: torch.Tensor) -> torch.Tensor:
         """-> normalised log-mel (B, n_mels, n_frames); length (B,) in frames."""
         c = self.cfg
-        B, n_q = memory.shape[0], c.n_frames // c.reduction
+        B, n_q = memory.shape[0], self.n_queries
         q = self.upsample(memory, mask, share, length) + self.frame_pos[None]  # (B, n_q, D)
         y = self.decoder(self.drop(q), memory=memory, memory_mask=mask)  # (B, n_q, D), final LayerNorm applied
         return self.head(y).view(B, n_q, c.reduction, c.n_mels).flatten(1, 2).transpose(1, 2)  # (B, n_mels, T)
@@ -145,8 +153,7 @@ class TTS(nn.Module):
     def flops_per_sample(self, train: bool = True) -> int:
         """Matmul FLOPs for one (text, mel) pair: encoder over Ls, the voice's two maps, the share and length heads,
         the upsampling's mix, decoder over n_frames / r with cross-attention, the frame head (x3 when train)."""
-        c = self.cfg
-        n_q = c.n_frames // c.reduction
+        c, n_q = self.cfg, self.n_queries
         voice = 2 * c.voice_dim * (c.n_mels + c.dim)
         heads = 2 * c.src_len * c.dim + 2 * c.dim
         fwd = (self.encoder.flops(c.src_len) + voice + heads + 2 * n_q * c.src_len * c.dim

@@ -181,9 +181,9 @@ def mel_error(run: Run) -> dict[str, float]:
     for samples in run.samples():
         batch = run.batch(samples)
         target = batch["mel"].float()  # (B, n_mels, n_frames)
-        fine, _ = run.model(batch)
+        mel, _ = run.model(batch)
         spoken = run.model.generate(batch["src"], target)
-        l1 += (fine.float() - target).abs().mean((1, 2)).sum().item()
+        l1 += (mel.float() - target).abs().mean((1, 2)).sum().item()
         free += (spoken.float() - target).abs().mean((1, 2)).sum().item()
         frames += (run.model.speech_length(spoken) - run.model.speech_length(target)).abs().sum().item()
         n += len(samples)

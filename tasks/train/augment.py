@@ -55,19 +55,30 @@ def _blend(pixels: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> t
     return (other + factor * (pixels - other)).clamp(0.0, 1.0)
 
 
+def enhance_brightness(p: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Towards black by factor f (PIL ImageEnhance.Brightness)."""
+    return _blend(p, torch.zeros_like(p), f)
+
+
+def enhance_contrast(p: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Towards the image's mean grey (PIL ImageEnhance.Contrast)."""
+    return _blend(p, grey(p).mean((1, 2, 3), keepdim=True), f)
+
+
+def enhance_colour(p: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Towards the image's own grey (PIL ImageEnhance.Color)."""
+    return _blend(p, grey(p), f)
+
+
 def colour_jitter(pixels: torch.Tensor, brightness: float = 0.4, contrast: float = 0.4,
                   saturation: float = 0.4) -> torch.Tensor:
     """(B, 3, H, W) RGB in 0..1 -> same shape, per image: brightness (scale towards black), contrast (towards the
     image's mean grey) and saturation (towards its own grey image), each by a factor uniform in [1 - s, 1 + s], in that
     order (torchvision's ColorJitter draws the order too), clamped to 0..1. Batches are normalised with the data's
     mean/std: vit_augment turns them back into 0..1 pixels before calling this."""
-    B = len(pixels)
-    if brightness > 0:
-        pixels = _blend(pixels, torch.zeros_like(pixels), _factors(B, brightness))
-    if contrast > 0:
-        pixels = _blend(pixels, grey(pixels).mean((1, 2, 3), keepdim=True), _factors(B, contrast))
-    if saturation > 0:
-        pixels = _blend(pixels, grey(pixels), _factors(B, saturation))
+    for op, strength in ((enhance_brightness, brightness), (enhance_contrast, contrast), (enhance_colour, saturation)):
+        if strength > 0:
+            pixels = op(pixels, _factors(len(pixels), strength))
     return pixels
 
 
@@ -97,8 +108,9 @@ def _autocontrast(p: torch.Tensor) -> torch.Tensor:
     return torch.where(hi > lo, (p - lo) / (hi - lo).clamp_min(1e-6), p)
 
 
-def _theta(b: int, a: torch.Tensor, b_: torch.Tensor, c: torch.Tensor, d: torch.Tensor, tx, ty) -> torch.Tensor:
-    return torch.stack([torch.stack([a, b_, tx], -1), torch.stack([c, d, ty], -1)], 1).view(b, 2, 3)
+def _theta(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor, tx, ty) -> torch.Tensor:
+    """Per-image (B,) entries -> (B, 2, 3) affine maps [[a, b, tx], [c, d, ty]]."""
+    return torch.stack([torch.stack([a, b, tx], -1), torch.stack([c, d, ty], -1)], 1)
 
 
 # TrivialAugment's ops on 0..1 pixels: (pixels (b, 3, H, W), strength (b, 1, 1, 1) in [0, 1] with a random sign where
@@ -112,13 +124,13 @@ def _signed(m: torch.Tensor) -> torch.Tensor:
 def _rotate(p, m, fill):
     t = _signed(m.flatten()) * math.radians(30.0)
     z = torch.zeros_like(t)
-    return _affine(p, _theta(len(p), t.cos(), -t.sin(), t.sin(), t.cos(), z, z), fill)
+    return _affine(p, _theta(t.cos(), -t.sin(), t.sin(), t.cos(), z, z), fill)
 
 
 def _shear(axis):
     def op(p, m, fill):
         s, z, o = _signed(m.flatten()) * 0.3, torch.zeros(len(p)), torch.ones(len(p))
-        theta = _theta(len(p), o, s, z, o, z, z) if axis == "x" else _theta(len(p), o, z, s, o, z, z)
+        theta = _theta(o, s, z, o, z, z) if axis == "x" else _theta(o, z, s, o, z, z)
         return _affine(p, theta, fill)
     return op
 
@@ -126,15 +138,15 @@ def _shear(axis):
 def _translate(axis):
     def op(p, m, fill):
         t, z, o = _signed(m.flatten()) * 2 * 150 / 331, torch.zeros(len(p)), torch.ones(len(p))  # [-1, 1] coordinates
-        return _affine(p, _theta(len(p), o, z, z, o, t if axis == "x" else z, t if axis == "y" else z), fill)
+        return _affine(p, _theta(o, z, z, o, t if axis == "x" else z, t if axis == "y" else z), fill)
     return op
 
 
 TRIVIAL_OPS = {
     "identity": lambda p, m, fill: p,
-    "brightness": lambda p, m, fill: _blend(p, torch.zeros_like(p), 1 + 0.9 * _signed(m)),
-    "contrast": lambda p, m, fill: _blend(p, grey(p).mean((1, 2, 3), keepdim=True), 1 + 0.9 * _signed(m)),
-    "colour": lambda p, m, fill: _blend(p, grey(p), 1 + 0.9 * _signed(m)),
+    "brightness": lambda p, m, fill: enhance_brightness(p, 1 + 0.9 * _signed(m)),
+    "contrast": lambda p, m, fill: enhance_contrast(p, 1 + 0.9 * _signed(m)),
+    "colour": lambda p, m, fill: enhance_colour(p, 1 + 0.9 * _signed(m)),
     "sharpness": lambda p, m, fill: _sharpness(p, 1 + 0.9 * _signed(m)),
     "posterize": lambda p, m, fill: _posterize(p, m),
     "solarize": lambda p, m, fill: torch.where(p >= 1 - m, 1 - p, p),
