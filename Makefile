@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
+# test processes (pytest-xdist), a test file each: training runs on one thread, so two cores take two files at a time
+JOBS ?= 2
 
 .PHONY: setup run data test test-all bench clean-outputs
 
@@ -21,11 +23,11 @@ run: setup            ## the whole pipeline on the built-in dataset
 data: setup           ## only the data flow
 	$(BIN)/tessera data $(ARGS)
 
-test: setup           ## fast tests (slow ones: make test-all)
-	$(BIN)/python -m pytest $(ARGS)
+test: setup           ## fast tests (slow ones: make test-all); JOBS=1 for one process
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile $(ARGS)
 
 test-all: setup
-	$(BIN)/python -m pytest -m '' $(ARGS)
+	$(BIN)/python -m pytest -n $(JOBS) --dist loadfile -m '' $(ARGS)
 
 bench: setup
 	$(BIN)/python -m benchmarks $(ARGS)

@@ -182,6 +182,21 @@ class TrainParams(Params):
             raise ValueError(f"unknown model(s) {bad}; choose from {list(table.MODELS)}")
         return v
 
+    @field_validator("train_overrides")
+    @classmethod
+    def _train_fields(cls, v: dict[str, dict]) -> dict[str, dict]:
+        """Each model's overrides make a valid TrainConfig (known fields, the model's augment settings), before any
+        work."""
+        from tasks.train.trainer import default_train_config
+
+        cls._known(list(v))
+        for model, fields in v.items():
+            try:
+                default_train_config(model, **fields)
+            except (TypeError, ValueError) as exc:  # TypeError: an unknown field
+                raise ValueError(f"train_overrides[{model!r}]: {exc}") from None
+        return v
+
 
 class EvalParams(Params):
     max_samples: int | None = Field(None, ge=1, description="cap on test samples per model (default: the whole "

@@ -12,7 +12,8 @@ shares_i * length frames, so the alignment is monotonic by construction and the 
 length head is trained on the target's speech length (frames up to the last louder than `silence`), which also places
 the queries in training (teacher forcing); at inference it is predicted. Speakers differ (voice, pitch, rate), and a
 regression to their average is a blur, so each clip is spoken in a reference voice (Skerry-Ryan et al. 2018, here its
-mean spectrum over its loud frames): in training the clip itself, at inference any clip. The vocoder (Griffin-Lim)
+mean spectrum over its loud frames): in training batch["ref"], another clip of the same speaker (tasks/train/batches.py;
+the clip itself would also carry its words), else the clip itself; at inference any clip. The vocoder (Griffin-Lim)
 lives in tasks/.
 Default config (D=128, 2 + 3 layers, 4 heads, 128 mels x 128 frames, r=4, 24 bytes): 1,327,362 parameters.
 """
@@ -50,7 +51,8 @@ class TTSConfig:
 
 
 class TTS(nn.Module):
-    """batch {"src": (B, Ls) byte ids, "mel": (B, n_mels, n_frames)} -> (mel (B, n_mels, n_frames), loss)."""
+    """batch {"src": (B, Ls) byte ids, "mel": (B, n_mels, n_frames), optional "ref": (B, n_mels, T) whose voices} ->
+    (mel (B, n_mels, n_frames), loss)."""
 
     def __init__(self, cfg: TTSConfig = TTSConfig()):
         super().__init__()
@@ -133,7 +135,8 @@ class TTS(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]):
         target = batch["mel"].float()  # (B, n_mels, n_frames)
-        memory, mask, log_len, share = self.encode(batch["src"], target)  # the clip is its own voice reference
+        ref = batch.get("ref", target)  # (B, n_mels, T) whose voice: another clip of the speaker, else the clip itself
+        memory, mask, log_len, share = self.encode(batch["src"], ref)
         length = self.speech_length(target)  # (B,) teacher-forced: the real length places the queries
         mel = self.decode(memory, mask, share, length)
         return mel, F.l1_loss(mel.float(), target) + F.mse_loss(log_len.float(), length.log())

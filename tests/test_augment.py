@@ -109,13 +109,36 @@ def test_generative_models_are_never_augmented():
         assert MODELS[n].augment is None
 
 
-def test_the_speech_recogniser_masks_its_source_only(monkeypatch):
-    monkeypatch.setitem(augment.ASR_AUG, "freq_mask", 4)
-    monkeypatch.setitem(augment.ASR_AUG, "time_mask", 4)
+def test_the_speech_recogniser_masks_its_source_only():
     torch.manual_seed(0)
     batch = {"src": torch.ones(8, 12, 20), "tgt": torch.arange(16).view(8, 2)}
-    out = MODELS["asr"].augment(batch, None)
+    out = MODELS["asr"].augment(batch, None, {"freq_mask": 4, "time_mask": 4})  # a run's settings (TrainConfig.augment)
     assert torch.equal(out["tgt"], batch["tgt"]) and (out["src"] == 0).any() and out["src"].shape == (8, 12, 20)
+    assert not (MODELS["asr"].augment(batch, None, {"gain": 0.0})["src"] == 0).any()  # the defaults mask nothing
+
+
+def test_random_gain_moves_each_clip_by_one_offset():
+    torch.manual_seed(0)
+    mel = torch.randn(64, 12, 20)
+    moved = augment.random_gain(mel, 0.5) - mel  # (B, n_mels, T)
+    per_clip = moved[:, :1, :1]
+    assert torch.allclose(moved, per_clip.expand_as(moved), atol=1e-6)  # one level a clip, every bin and frame
+    assert per_clip.abs().max() <= 0.5 and per_clip.std() > 0.2  # spread over +-0.5, not one offset for all
+    assert torch.equal(augment.random_gain(mel, 0.0), mel)
+
+
+def test_augment_settings_are_set_per_run_and_checked_before_work():
+    from tasks.train.trainer import default_train_config
+
+    assert augment.settings(augment.ASR_AUG, {"freq_mask": 16}) == {**augment.ASR_AUG, "freq_mask": 16}
+    assert augment.settings(augment.VIT_AUG, True) == augment.VIT_AUG
+    assert default_train_config("vit", augment={"jitter": 0.4}).augment == {"jitter": 0.4}
+    with pytest.raises(ValueError, match=r"unknown augment setting\(s\) \['fq'\].*freq_mask"):
+        default_train_config("asr", augment={"fq": 16})
+    with pytest.raises(ValueError, match="t2i has no train-time augmentation"):
+        default_train_config("t2i", augment={"gain": 0.5})
+    with pytest.raises(ValueError, match="TrainConfig.augment"):
+        default_train_config("ast", augment="yes")
 
 
 # ---------------------------------------------------------------------------------------------------- ViT photos
@@ -317,3 +340,28 @@ def test_the_ast_frames_stem_makes_one_token_per_two_frames_of_every_band():
     assert net.flops_per_sample() > 0
     with pytest.raises(ValueError, match="longer"):
         net.forward_features(torch.randn(1, 16, 30))
+
+
+def test_a_run_trains_with_its_augment_settings(builtin_world, tmp_path):
+    """TrainConfig.augment as a dict reaches the model's augmentation at every step, and the run records it."""
+    from dataclasses import replace
+    from unittest import mock
+
+    from mlflow import MlflowClient
+
+    from tasks.train import table
+    from tasks.train.trainer import train
+    from tests.helpers import TINY_TRAIN
+
+    seen, real = [], MODELS["asr"].augment
+
+    def watched(batch, ctx, given=None):
+        seen.append(given)
+        return real(batch, ctx, given)
+
+    with mock.patch.dict(table.MODELS, {"asr": replace(MODELS["asr"], augment=watched)}):
+        cfg = replace(TINY_TRAIN, max_steps=3, augment={"freq_mask": 4, "time_mask": 4})
+        record = train("asr", builtin_world["prep"], tmp_path / "out", cfg, preset="tiny", experiment="aug")
+    assert seen == [{"freq_mask": 4, "time_mask": 4}] * 3
+    params = MlflowClient().get_run(record["run_id"]).data.params
+    assert params["train.augment.freq_mask"] == "4" and params["train.augment.time_mask"] == "4"

@@ -174,3 +174,23 @@ def test_clip_scorer_is_the_cosine_of_image_and_caption():
         zi = clip.encode_image((pixels / 255 - 0.5) / 0.25, normalize=True)
         zt = clip.encode_text(TOKENIZER.batch_encode(captions, clip.cfg.context_len), normalize=True)
     assert got.shape == (3,) and torch.allclose(got, (zi * zt).sum(-1), atol=1e-5)
+
+
+def test_tts_reference_is_another_clip_of_the_same_speaker():
+    from tasks.train.batches import voice_partners
+
+    def clip(who, draw=None, key="voice"):
+        s = {"info": {"meta": {key: who} if who else {}}}
+        return {**s, "draw": draw} if draw is not None else s
+
+    # evaluation (no draw): the next clip of the speaker in batch order; a speaker's only clip and an unnamed one speak
+    # in their own voice
+    batch = [clip("a"), clip("b"), clip("a"), clip("c"), clip(None), clip("a")]
+    assert voice_partners(batch) == [2, 1, 5, 3, 4, 0]
+    # training: drawn from each clip's seed, never itself while its speaker has another clip; --name-pattern's speaker
+    drawn = [clip(w, draw=d, key="speaker") for d, w in enumerate("ababab")]
+    partners = voice_partners(drawn)
+    assert all(p != i and p % 2 == i % 2 for i, p in enumerate(partners))
+    assert partners == voice_partners(drawn)  # the same draws, the same partners
+    assert len({tuple(voice_partners([clip(w, draw=d + 10 * r, key="speaker") for d, w in enumerate("ababab")]))
+                for r in range(8)}) > 1  # other draws, other partners

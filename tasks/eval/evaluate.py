@@ -175,14 +175,15 @@ def eval_t2i(run: Run) -> tuple[dict, list[str]]:
 
 
 def mel_error(run: Run) -> dict[str, float]:
-    """Text-to-speech over the split: L1 to the real normalised log-mel, teacher-forced (each clip's own length and
-    voice: `mel_l1`) and free-running (predicted length, the clip's voice: `free_mel_l1`), and the length error."""
+    """Text-to-speech over the split: L1 to the real normalised log-mel, teacher-forced (each clip's own length:
+    `mel_l1`) and free-running (predicted length: `free_mel_l1`), and the length error; both in the voice of another
+    clip of the speaker, as in training (batches.voice_partners)."""
     l1, free, frames, n = 0.0, 0.0, 0.0, 0
     for samples in run.samples():
         batch = run.batch(samples)
         target = batch["mel"].float()  # (B, n_mels, n_frames)
         mel, _ = run.model(batch)
-        spoken = run.model.generate(batch["src"], target)
+        spoken = run.model.generate(batch["src"], batch["ref"])
         l1 += (mel.float() - target).abs().mean((1, 2)).sum().item()
         free += (spoken.float() - target).abs().mean((1, 2)).sum().item()
         frames += (run.model.speech_length(spoken) - run.model.speech_length(target)).abs().sum().item()

@@ -71,6 +71,7 @@ from tasks.infra.checkpoint import (  # noqa: F401 - CheckpointError, load_check
 )
 from tasks.infra.common import read_success, tree_digest, write_json
 from tasks.infra.hardware import compute_dtype, cpu_threads, distributed, peak_flops, pick_device, sync
+from tasks.train.augment import DEFAULTS as augment_defaults, settings as augment_settings
 from tasks.train.batches import BatchContext, DataInfo
 from tasks.train.table import ITEMS, MODELS, ModelSpec, configure, spec
 
@@ -101,7 +102,9 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers (capped at the number of shards)
     shuffle_buffer: int = 1000
     cpu_threads: int = 1  # torch threads on CPU while training; 0: torch's default (see hardware.cpu_threads)
-    augment: bool = True  # the model's train-time augmentation (table `augment`; none for generative models)
+    # the model's train-time augmentation (table `augment`; none for generative models): True its defaults
+    # (tasks/train/augment.py VIT_AUG, AST_AUG, ASR_AUG), a dict those settings changed, False none
+    augment: bool | dict = True
 
     def __post_init__(self):
         for name in ("max_steps", "min_steps", "batch_size", "grad_accum", "eval_every", "ckpt_every", "log_every"):
@@ -117,6 +120,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.device={self.device!r}: use 'auto', 'cpu' or 'cuda'")
         if self.cpu_threads < 0:
             raise ValueError(f"TrainConfig.cpu_threads={self.cpu_threads} must be >= 0 (0: torch's default)")
+        if not isinstance(self.augment, (bool, dict)):
+            raise ValueError(f"TrainConfig.augment={self.augment!r}: use true, false or a dict of settings")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"TrainConfig.precision={self.precision!r}: use 'auto', 'bf16' or 'fp32'")
 
@@ -127,7 +132,12 @@ def default_train_config(model: str, **overrides) -> TrainConfig:
     fields = {**spec(model).train, **overrides}
     if "max_steps" in overrides and "epochs" not in overrides:
         fields["epochs"] = None
-    return TrainConfig(**fields)
+    cfg = TrainConfig(**fields)
+    if isinstance(cfg.augment, dict):  # checked here, before any work: the settings must be the model's
+        if spec(model).augment is None:
+            raise ValueError(f"{model} has no train-time augmentation to set (augment={cfg.augment}); leave it out")
+        augment_settings(augment_defaults[spec(model).augment], cfg.augment)
+    return cfg
 
 
 class Terminated(KeyboardInterrupt):
@@ -484,8 +494,8 @@ def optimiser_step(job: Job, env: Env, data: Data, state: State) -> dict[str, An
     loss_sum = torch.zeros((), device=env.device)
     for micro in range(cfg.grad_accum):
         batch = s.make_batch(state.stream.next(), data.ctx)
-        if cfg.augment and s.augment is not None:
-            batch = s.augment(batch, data.ctx)
+        if cfg.augment is not False and s.augment is not None:
+            batch = s.augment(batch, data.ctx, cfg.augment)
         batch = to_device(batch, env.device)
         sync_grads = micro == cfg.grad_accum - 1 or env.world == 1
         with (contextlib.nullcontext() if sync_grads else state.step_model.no_sync()), env.autocast:
