@@ -239,7 +239,8 @@ MODELS: dict[str, ModelSpec] = {
         # std 0.02 (drowned by the sinusoidal positions: one spectrogram per length, whatever the text) 0.71 at 400
         # steps, 0.78 at 1,200; at std 1: 0.42 at 400 steps, 0.26 at 800 (seed 1: 0.49), 0.25 at 1,600 (so 800: 34.03
         # epochs); the default run's round trip: 0.31. The reference voice another clip of the same speaker instead of
-        # the clip itself (batches.voice_partners; seeds 0 / 1 / 2: 0.42 / 0.49 / 0.35 -> 0.21 / 0.37 / 0.26): 0.21.
+        # the clip itself (batches.voice_partners; seeds 0 / 1 / 2: 0.42 / 0.49 / 0.35 -> 0.21 / 0.37 / 0.26): 0.21;
+        # with the judge trained with a random gain (augment.py ASR_AUG): 0.13.
         default=dict(dim=128, enc_depth=2, dec_depth=3, n_heads=4, src_len=24),
         tiny=dict(dim=32, enc_depth=1, dec_depth=1, n_heads=2, src_len=16),
         train=dict(epochs=34.03, max_steps=4000, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=40,
