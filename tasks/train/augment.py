@@ -345,9 +345,9 @@ ASR_AUG = dict(gain=0.5, freq_mask=0, time_mask=0)
 # A random gain per clip (`gain`: an offset uniform in +-0.5 std of the data's log-mel; the four fsdd4 speakers were
 # recorded at levels 8x apart in RMS) is on by default, the masks off: fsdd4, frames stem, default budget (713-717
 # steps), each speaker held out in turn (LR 0.50 / 0.42 / 0.614 / 0.624), without -> with the gain: jackson 0.774 ->
-# 0.774, nicolas 0.36 -> 0.636, theo 0.834 -> 0.888, yweweler 0.868 -> 0.93; built-in set 1.0 -> 1.0. On nicolas: gain
-# +-1.0 0.594, +-0.5 with mixup 0.2 0.646, mixup 0.2 alone 0.542; dropout 0.1 (no gain) 0.276; each band's mean over
-# the clip removed (cepstral mean normalisation, a model change) 0.216.
+# 0.774, nicolas 0.36 -> 0.636, theo 0.834 -> 0.888, yweweler 0.868 -> 0.93; built-in set 1.0 -> 1.0. Gain +-1.0:
+# jackson 0.784, nicolas 0.594. On nicolas: +-0.5 with mixup 0.2 0.646, mixup 0.2 alone 0.542; dropout 0.1 (no gain)
+# 0.276; each band's mean over the clip removed (cepstral mean normalisation, a model change) 0.216.
 AST_AUG = dict(time_shift=0, freq_shift=0.0, gain=0.5, freq_mask=0, time_mask=0, mixup=0.0)
 
 DEFAULTS = {vit_augment: VIT_AUG, ast_augment: AST_AUG, asr_augment: ASR_AUG}  # each model augmentation's settings
