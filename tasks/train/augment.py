@@ -6,13 +6,14 @@
   soft targets; the model adds label smoothing and stochastic depth (models/vit.py). Which are on: VIT_AUG and the ViT's
   entry in tasks/train/table.py. CLIP gets the translation only, since its captions name left and right;
 - log-mels (AST, as in its Speech Commands recipe): a random gain per clip (the recording level; on by default, see
-  AST_AUG), SpecAugment frequency and time masks (Park et al. 2019) and
-  mixup (Zhang et al. 2018) with soft targets, which `F.cross_entropy` takes as class probabilities; random time and
-  mel-axis shifts (off: measured worse, see AST_AUG);
-- the speech recogniser's log-mel source: SpecAugment, as Park et al. introduced it for speech recognition.
+  AST_AUG), SpecAugment frequency and time masks (Park et al. 2019) and mixup (Zhang et al. 2018) with soft targets,
+  which `F.cross_entropy` takes as class probabilities; random time and mel-axis shifts (off: measured worse);
+- the speech recogniser's log-mel source: the same random gain (on), and SpecAugment, as Park et al. introduced it for
+  speech recognition (off by default, see ASR_AUG).
 
-Every draw comes from torch's global RNG, which the trainer checkpoints (tasks/infra/checkpoint.py `rng_state`), so a resumed
-run augments exactly as the uninterrupted one. Generative models get no augmentation: their targets are the
+A run sets these with TrainConfig.augment: True the defaults below, a dict some of them (`settings`), False none.
+Every draw comes from torch's global RNG, which the trainer checkpoints (tasks/infra/checkpoint.py `rng_state`), so a
+resumed run augments exactly as the uninterrupted one. Generative models get no augmentation: their targets are the
 inputs (the speech recogniser's target is text, so its spectrogram is augmented). The trainer applies the model's
 augmentation when `TrainConfig.augment` is on (the model table's `augment`).
 """
@@ -331,10 +332,11 @@ def ast_augment(batch, ctx, given: bool | dict | None = None):
 # the stand-in's learning: train loss stayed high), so none is on by default; a run turns them on with
 # train_overrides {"vit": {"augment": {"jitter": 0.4, "mixup": 0.8}}}.
 VIT_AUG = dict(max_shift=0, flip=True, jitter=0.0, trivial=False, mixup=0.0, cutmix=0.0)
-# Speech recognition's SpecAugment masks, test word accuracy (transcript exactly right): spoken digits of a speaker never heard in training (fsdd4, theo held out, default model and budget, 449
-# steps) 0.91 without, 0.93 with these masks; 10 takes a speaker and digit (272 train clips, 340 steps) 0.48 without,
-# 0.66 with 8 bins and 4 frames, 0.77 with these. The built-in set at its 250 steps: CER 0.026 without, 0.075 with 8/4,
-# 0.204 with these (the masks slow a short run down), so they are off by default.
+# Speech recognition's SpecAugment masks, test word accuracy (transcript exactly right): spoken digits of a speaker
+# never heard in training (fsdd4, theo held out, default model and budget, 449 steps) 0.91 without, 0.93 with 16 bins
+# / 8 frames; 10 takes a speaker and digit (272 train clips, 340 steps) 0.48 without, 0.66 with 8 / 4, 0.77 with
+# 16 / 8. The built-in set at its 250 steps: CER 0.026 without, 0.075 with 8 / 4, 0.204 with 16 / 8 (the masks slow a
+# short run down), so they are off by default.
 # A random gain of +-0.5 std per clip (`gain`, on): built-in CER 0.026 -> 0.019; fsdd4, nicolas held out (the speaker no
 # model reached the baseline on; LR 0.42), word accuracy 0.21 -> 0.38, with the masks 16 / 8 as well 0.44. So the recipe
 # for real speech is train_overrides {"asr": {"augment": {"freq_mask": 16, "time_mask": 8}}}.
