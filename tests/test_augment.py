@@ -1,5 +1,7 @@
 """Train-time augmentation (tasks/train/augment.py) and the convolutional stem it pairs with (models/embeddings.py)."""
 
+import math
+
 import pytest
 import torch
 
@@ -89,9 +91,17 @@ def test_freq_shift_moves_the_mel_axis_and_keeps_the_edges():
     assert torch.equal(augment.freq_shift(ramp, 0.0), ramp)
 
 
+def _audio_ctx(n_classes: int = 3):
+    """What the audio augmentations read from a BatchContext: the class count and the prepared data's mel facts."""
+    audio = {"std": 6.0, "mel": {"sample_rate": 8000, "f_min": 20.0}}
+    data = type("Data", (), {"modality": lambda self, name: audio})()
+    return type("Ctx", (), {"cfg": type("Cfg", (), {"n_classes": n_classes})(), "data": data})()
+
+
 def test_ast_augment_is_reproducible_from_the_global_seed(monkeypatch):
     monkeypatch.setitem(augment.AST_AUG, "mixup", 0.2)
-    ctx = type("Ctx", (), {"cfg": type("Cfg", (), {"n_classes": 3})()})()
+    monkeypatch.setitem(augment.AST_AUG, "stretch", 0.1)
+    ctx = _audio_ctx()
     batch = {"mel": torch.randn(6, 12, 16), "label": torch.tensor([0, 1, 2, 0, 1, 2])}
     torch.manual_seed(3)
     a = augment.ast_augment(batch, ctx)
@@ -112,9 +122,10 @@ def test_generative_models_are_never_augmented():
 def test_the_speech_recogniser_masks_its_source_only():
     torch.manual_seed(0)
     batch = {"src": torch.ones(8, 12, 20), "tgt": torch.arange(16).view(8, 2)}
-    out = MODELS["asr"].augment(batch, None, {"freq_mask": 4, "time_mask": 4})  # a run's settings (TrainConfig.augment)
+    out = MODELS["asr"].augment(batch, _audio_ctx(), {"freq_mask": 4, "time_mask": 4})  # a run's (TrainConfig.augment)
     assert torch.equal(out["tgt"], batch["tgt"]) and (out["src"] == 0).any() and out["src"].shape == (8, 12, 20)
-    assert not (MODELS["asr"].augment(batch, None, {"gain": 0.0})["src"] == 0).any()  # the defaults mask nothing
+    defaults = MODELS["asr"].augment(batch, _audio_ctx(), {"gain": 0.0})["src"]
+    assert not (defaults == 0).any()  # the defaults mask nothing
 
 
 def test_random_gain_moves_each_clip_by_one_offset():
@@ -365,3 +376,35 @@ def test_a_run_trains_with_its_augment_settings(builtin_world, tmp_path):
     assert seen == [{"freq_mask": 4, "time_mask": 4}] * 3
     params = MlflowClient().get_run(record["run_id"]).data.params
     assert params["train.augment.freq_mask"] == "4" and params["train.augment.time_mask"] == "4"
+
+
+def test_warp_mel_moves_a_tone_to_the_scaled_frequency_and_stretches_time():
+    from tasks.data.features import MelConfig, log_mel
+
+    cfg = MelConfig(sample_rate=8000, n_frames=40)
+    t = torch.arange(cfg.n_samples) / 8000
+    tone = lambda hz: log_mel([(0.3 * torch.sin(2 * math.pi * hz * t)).numpy()], cfg)  # noqa: E731 (1, 128, 40)
+    for hz in (700.0, 2000.0):  # below and above the Slaney scale's 1 kHz knee
+        warped = augment.warp_mel(tone(hz), torch.tensor([1.1]), torch.tensor([1.0]), 8000, cfg.f_min)
+        peak = warped[0, :, 20].argmax().item()
+        assert abs(peak - tone(hz * 1.1)[0, :, 20].argmax().item()) <= 1
+        assert abs(peak - tone(hz)[0, :, 20].argmax().item()) >= 4
+    ramp = torch.arange(10.0)[None, None, :].expand(2, 3, 10)  # frame t holds t
+    slow = augment.warp_mel(ramp, torch.ones(2), torch.tensor([2.0, 1.0]), 8000)
+    assert torch.allclose(slow[0, 0], torch.arange(10.0) / 2) and torch.allclose(slow[1], ramp[1])
+    assert torch.equal(augment.speed_warp(ramp, 0.0, 0.0, 8000), ramp)
+    torch.manual_seed(0)
+    assert augment.speed_warp(tone(700.0), 0.1, 0.1, 8000).shape == (1, 128, 40)
+
+
+def test_noise_floor_raises_quiet_bins_to_a_level_under_each_clips_peak():
+    torch.manual_seed(0)
+    mel = torch.randn(8, 16, 20)
+    out = augment.noise_floor(mel, (1.0, 2.0), std=6.0, p=1.0)
+    peak = mel.amax((1, 2))
+    assert (out >= mel).all() and torch.allclose(out.amax((1, 2)), peak, atol=0.01)  # loud bins stay
+    assert (out.amin((1, 2)) >= peak - 2.0).all() and (out.amin((1, 2)) <= peak - 1.0 + 0.2).all()
+    assert torch.equal(augment.noise_floor(mel, (1.0, 2.0), std=6.0, p=0.0), mel)
+    some = augment.noise_floor(mel, (1.0, 2.0), std=6.0, p=0.5)
+    changed = (some != mel).flatten(1).any(1)
+    assert 0 < changed.sum() < 8  # a share of the clips, each whole or not at all

@@ -55,7 +55,12 @@ class Sampling:
 # T 0.7 (best of 4: 0.82 / 0.38). Cost: n x the sampling, ~10 s a 576-image round trip on one contended CPU thread,
 # so best of 4 adds ~30 s (best of 8 ~70 s). Retrained with caption embeddings at std 1 (models/seq2seq.py
 # src_embed_std; the caption is read), best of 4: colour 0.98 (held-out 0.88), shape 0.49 (held-out 0.27).
-T2I_SAMPLING = Sampling(guidance=3.0, temperature=1.0, top_k=32, rerank=4)
+# That model samples better cooler: a hot draw puts stray background codes (blocks of another grey) into the image.
+# Its default run on an Intel AMX machine (2026-12-02), best of 4, seen / held-out shape, colour (held-out): T 1 top-k
+# 32 0.527 / 0.292, 0.967 (0.812); guidance 2 / 5 0.562 / 0.271, 0.473 / 0.312; T 0.7 0.536 / 0.229; top-k 8 at T 1 /
+# 0.5 / 0.3 / 0.1: 0.542 / 0.333, 0.595 / 0.250, **0.627 / 0.354, 0.946 (0.958)**, 0.610 / 0.333; T 0.5 top-k 8 best
+# of 8 0.669 / 0.396 (2x the sampling).
+T2I_SAMPLING = Sampling(guidance=3.0, temperature=0.3, top_k=8, rerank=4)
 # ImageGPT, measured on the default run's checkpoint (384 unconditional samples; coherent = one coloured thing the ViT
 # names with p >= 0.5): T 0.7 / 0.9 / 1.0 / 1.1 / 1.2 / 1.3 with every code: 0.04 / 0.31 / 0.57 / 0.76 / 0.83 / 0.73;
 # top-k 8 at T 1.0 / 1.1 / 1.2 / 1.3 / 1.5: 0.48 / 0.70 / 0.84 / 0.87 / 0.87 (below T 1 it draws blank backgrounds).
