@@ -239,7 +239,10 @@ def test_interrupts_and_signals_end_runs_killed_errors_failed(tmp_path):
     for exc in (KeyboardInterrupt(), SystemExit(1), TerminationSignal(signal.SIGTERM), tracking.Interrupted()):
         assert tracking.end_status(exc) == "KILLED", exc
     # SIGHUP (a closed terminal) ends a run KILLED instead of leaving it RUNNING
-    code = ("import sys, time\nfrom tasks.infra import tracking\nwith tracking.start_run('hup', 'r') as run:\n"
+    # the child starts with SIGHUP at its default action, as from a terminal: under `nohup make test` it inherits
+    # SIG_IGN, which tracking rightly leaves alone (the user asked to survive a hang-up)
+    code = ("import signal, sys, time\nsignal.signal(signal.SIGHUP, signal.SIG_DFL)\nfrom tasks.infra import tracking\n"
+            "with tracking.start_run('hup', 'r') as run:\n"
             "    print(run.run_id, flush=True)\n    time.sleep(60)\n")
     child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -225,6 +225,7 @@ def slaney_mel(hz: torch.Tensor) -> torch.Tensor:
 
 
 def slaney_hz(mel: torch.Tensor) -> torch.Tensor:
+    """slaney_mel's inverse."""
     log_step = math.log(6.4) / 27.0
     return torch.where(mel < 15, mel * 200 / 3, 1000 * torch.exp((mel - 15) * log_step))
 
@@ -360,30 +361,27 @@ def vit_augment(batch, ctx, given: bool | dict | None = None):
 FLOOR_DROP = (1.5, 3.5)  # noise_floor's level under the clip's loudest bin, in std units of the data's log-mel
 
 
-def _mel_params(ctx) -> dict:
-    """The features' sample rate and lowest frequency (the prepared data's stats), which speed_warp needs."""
-    mel = ctx.data.modality("audio")["mel"]
-    return {"sample_rate": int(mel["sample_rate"]), "f_min": float(mel.get("f_min", 0.0))}
+def speaker_and_room(mel: torch.Tensor, a: dict, ctx) -> torch.Tensor:
+    """What both speech models share: the speed warp, the noise floor and the gain of settings `a`, in that order;
+    the features' sample rate, lowest frequency and log-mel std come from the prepared data's stats (ctx.data)."""
+    if a["warp"] > 0 or a["stretch"] > 0:
+        feat = ctx.data.modality("audio")["mel"]
+        mel = speed_warp(mel, a["warp"], a["stretch"], int(feat["sample_rate"]), float(feat.get("f_min", 0.0)))
+    if a["floor"] > 0:
+        mel = noise_floor(mel, FLOOR_DROP, float(ctx.data.modality("audio")["std"]), a["floor"])
+    return random_gain(mel, a["gain"])
 
 
 def asr_augment(batch, ctx, given: bool | dict | None = None):
     a = settings(ASR_AUG, given)
-    src = batch["src"]
-    src = speed_warp(src, a["warp"], a["stretch"], **_mel_params(ctx)) if a["warp"] or a["stretch"] else src
-    if a["floor"] > 0:
-        src = noise_floor(src, FLOOR_DROP, float(ctx.data.modality("audio")["std"]), a["floor"])
-    src = random_gain(src, a["gain"])
+    src = speaker_and_room(batch["src"], a, ctx)
     return {**batch, "src": spec_augment(src, freq_mask=a["freq_mask"], time_mask=a["time_mask"])}
 
 
 def ast_augment(batch, ctx, given: bool | dict | None = None):
     a = settings(AST_AUG, given)
     mel = time_shift(batch["mel"], a["time_shift"])
-    mel = freq_shift(mel, a["freq_shift"])
-    mel = speed_warp(mel, a["warp"], a["stretch"], **_mel_params(ctx)) if a["warp"] or a["stretch"] else mel
-    if a["floor"] > 0:
-        mel = noise_floor(mel, FLOOR_DROP, float(ctx.data.modality("audio")["std"]), a["floor"])
-    mel = random_gain(mel, a["gain"])
+    mel = speaker_and_room(freq_shift(mel, a["freq_shift"]), a, ctx)
     mel = spec_augment(mel, freq_mask=a["freq_mask"], time_mask=a["time_mask"])
     mel, target = mixup(mel, batch["label"], ctx.cfg.n_classes, a["mixup"])
     return {**batch, "mel": mel, "label": target}
