@@ -1,4 +1,4 @@
-"""Train-time augmentation (tasks/train/augment.py) and the convolutional stem it pairs with (models/embeddings.py)."""
+"""Train-time augmentation (tasks/train/augment/) and the convolutional stem it pairs with (models/embeddings.py)."""
 
 import math
 

@@ -22,7 +22,8 @@ HELD_OUT = "theo"
 CLASSIFIER, RECOGNISER = audio_models()
 # The budget, in passes over the 272 train clips (the table's epochs are sized for ~1,000-clip sets): 340 steps each.
 # The speech recogniser trains with its SpecAugment masks on, the real-speech recipe (off by default for the built-in
-# set: tasks/train/augment.py ASR_AUG); without them this split measured word accuracy 0.48 against the baseline's 0.41.
+# set: tasks/train/augment/audio.py ASR_AUG); without them this split measured word accuracy 0.48 against the
+# baseline's 0.41.
 TRAIN = {CLASSIFIER: dict(epochs=40), RECOGNISER: dict(epochs=40, augment={"freq_mask": 16, "time_mask": 8}),
          "tts": dict(epochs=50)}
 MARGIN = 0.2  # the round trip's CER: trained text-to-speech at least this much below untrained (issue 13)

@@ -133,8 +133,8 @@ MODELS: dict[str, ModelSpec] = {
         tokens=lambda c: 1 + _patches(c.img_size, c.patch_size) ** 2,
         inputs=("image",),
         # Label smoothing and stochastic depth (model_overrides {"vit": {"label_smoothing": 0.1, "drop_path": 0.1}})
-        # and the photo augmentations in augment.py VIT_AUG (colour jitter, TrivialAugment, mixup, CutMix) are off:
-        # none gained on both the built-in set and a photo stand-in over two seeds (figures beside VIT_AUG).
+        # and the photo augmentations of augment/image.py VIT_AUG (colour jitter, TrivialAugment, mixup, CutMix) are
+        # off: none gained on both the built-in set and a photo stand-in over two seeds (figures beside VIT_AUG).
         default=dict(SMALL_VIT, patch_size=8, stem="conv"), tiny=dict(TINY_VIT, patch_size=4, stem="conv"),
         train=dict(epochs=26.37, max_steps=7500, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=50,
                    weight_decay=0.05),
@@ -155,7 +155,7 @@ MODELS: dict[str, ModelSpec] = {
         # Earlier: the conv stem over linear patches 0.688 -> 0.968 on the built-in set, 0.18 -> 0.48 on fsdd4.
         # SpecAugment (16 bins, 16 frames) cost test accuracy (patch stem 0.55 against 0.68; frames stem, 16 bins and 8
         # frames: theo 0.86, nicolas 0.19), so the masks are off. A random gain per clip (the recording's level,
-        # augment.py AST_AUG) is on: fsdd4, each speaker held out, 0.774 / 0.36 / 0.834 / 0.868 -> 0.774 / 0.636 /
+        # augment/audio.py AST_AUG) is on: fsdd4, each speaker held out, 0.774 / 0.36 / 0.834 / 0.868 -> 0.774 / 0.636 /
         # 0.888 / 0.93 (jackson, nicolas, theo, yweweler); built-in set 1.0 -> 1.0. A noise floor under half the clips
         # (AST_AUG "floor") is on too: +0.027 on average over the four speakers and two seeds (AST_AUG's comment).
         default=dict(SMALL_VIT, stem="frames"), tiny=dict(TINY_VIT, patch_size=16),
@@ -202,10 +202,10 @@ MODELS: dict[str, ModelSpec] = {
         tokens=lambda c: (c.n_frames + 1) // 2 + c.tgt_len,
         inputs=("src", "tgt"),
         default=dict(SMALL_S2S, tgt_len=24), tiny=dict(TINY_S2S, tgt_len=16),
-        # A random gain per clip on the source (augment.py ASR_AUG) is on: built-in CER 0.026 -> 0.019, fsdd4 nicolas
-        # held out word accuracy 0.21 -> 0.38. SpecAugment helps real speech (nicolas 0.44 with the gain) and costs the
-        # built-in set at its budget (figures in augment.py), so its masks are off by default: train_overrides {"asr":
-        # {"augment": {"freq_mask": 16, "time_mask": 8}}} turns them on.
+        # A random gain per clip on the source (augment/audio.py ASR_AUG) is on: built-in CER 0.026 -> 0.019, fsdd4
+        # nicolas held out word accuracy 0.21 -> 0.38. SpecAugment helps real speech (nicolas 0.44 with the gain) and
+        # costs the built-in set at its budget (figures in augment/audio.py), so its masks are off by default:
+        # train_overrides {"asr": {"augment": {"freq_mask": 16, "time_mask": 8}}} turns them on.
         train=dict(epochs=10.63, max_steps=4750, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=25,
                    weight_decay=0.05),
         needs=("text",), evaluation="transcriber", role="speech-recogniser", headline=("cer",),
@@ -241,7 +241,7 @@ MODELS: dict[str, ModelSpec] = {
         # steps, 0.78 at 1,200; at std 1: 0.42 at 400 steps, 0.26 at 800 (seed 1: 0.49), 0.25 at 1,600 (so 800: 34.03
         # epochs); the default run's round trip: 0.31. The reference voice another clip of the same speaker instead of
         # the clip itself (batches.voice_partners; seeds 0 / 1 / 2: 0.42 / 0.49 / 0.35 -> 0.21 / 0.37 / 0.26): 0.21;
-        # with the judge trained with a random gain (augment.py ASR_AUG): 0.13.
+        # with the judge trained with a random gain (augment/audio.py ASR_AUG): 0.13.
         default=dict(dim=128, enc_depth=2, dec_depth=3, n_heads=4, src_len=24),
         tiny=dict(dim=32, enc_depth=1, dec_depth=1, n_heads=2, src_len=16),
         train=dict(epochs=34.03, max_steps=4000, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=40,

@@ -103,7 +103,7 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     cpu_threads: int = 1  # torch threads on CPU while training; 0: torch's default (see hardware.cpu_threads)
     # the model's train-time augmentation (table `augment`; none for generative models): True its defaults
-    # (tasks/train/augment.py VIT_AUG, AST_AUG, ASR_AUG), a dict those settings changed, False none
+    # (tasks/train/augment/: VIT_AUG, AST_AUG, ASR_AUG), a dict those settings changed, False none
     augment: bool | dict = True
 
     def __post_init__(self):
