@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 ARGS ?=
 # test processes (pytest-xdist), a test file each: training runs on one thread, so two cores take two files at a time
 JOBS ?= 2
+# make run's minutes for all the models' training (shared by table `minutes`): with data, evaluation and the round
+# trips, 20 minutes on 2 cores; a slower machine trains fewer steps (README "How long a model trains")
+TRAIN_MINUTES ?= 17
 
 .PHONY: setup run data test test-all bench clean-outputs
 
@@ -17,8 +20,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-run: setup            ## the whole pipeline on the built-in dataset
-	$(BIN)/tessera run $(ARGS)
+run: setup            ## the whole pipeline on the built-in dataset, the models' training within TRAIN_MINUTES
+	$(BIN)/tessera run --train-minutes $(TRAIN_MINUTES) $(ARGS)
 
 data: setup           ## only the data flow
 	$(BIN)/tessera data $(ARGS)

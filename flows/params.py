@@ -165,6 +165,9 @@ class TrainParams(Params):
                                  "step cap (default: each model's own, tasks/train/table.py)")
     patience: int | None = Field(None, ge=0, description="stop a model after this many evaluations without a "
                                  "better val metric; 0: never (default: each model's own, 5)")
+    train_minutes: float | None = Field(None, gt=0, description="minutes for all the models' training together, "
+                                        "shared by each one's time in the default run (table `minutes`); a model "
+                                        "that would not fit its share trains fewer steps (default: 15 a model)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (a GPU if there is one), cpu or cuda")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto (bf16 where the device computes "
                                                        "it faster), bf16 or fp32")

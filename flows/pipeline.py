@@ -29,11 +29,16 @@ from tasks.train.table import plan, spec, with_role
 from tasks.train.trainer import default_train_config
 
 
-def train_config(model: str, p: PipelineParams):
+def train_config(model: str, p: PipelineParams, models: list[str] | None = None):
+    """The model's TrainConfig: the table's, the run's flags, then its train_overrides. With --train-minutes, its
+    time cap is its share of them among `models` (the run's), by each one's minutes in the default run."""
     t = p.train
+    share = t.train_minutes * spec(model).minutes / sum(spec(m).minutes for m in models or [model]) \
+        if t.train_minutes else None
     fields = {k: v for k, v in dict(max_steps=t.steps, epochs=None if t.steps else t.epochs, patience=t.patience,
                                     batch_size=t.batch_size, device=t.device, precision=t.precision,
-                                    compile=t.compile).items() if v is not None}  # --steps wins over --epochs
+                                    compile=t.compile, max_minutes=share).items()
+              if v is not None}  # --steps wins over --epochs
     return default_train_config(model, **{**fields, **t.train_overrides.get(model, {})})
 
 
@@ -115,7 +120,7 @@ def _train_and_evaluate(params: PipelineParams, models: list[str], prep: Path, c
         source = spec(m).init[0] if spec(m).init and params.train.init_from_trained else None
         init = Path(trained[source]["checkpoint"]) if source in trained else None
         trained[m] = stages.train_model.with_options(task_run_name=f"train-{m}")(
-            m, prep, needs, train_config(m, params), root, params.train.preset,
+            m, prep, needs, train_config(m, params, models), root, params.train.preset,
             params.train.model_overrides.get(m), init_from=init, **run)
         sets = [stages.evaluate_model.with_options(task_run_name=f"eval-{m}" + (f"-{s}" if s != "test" else ""))(
             m, Path(trained[m]["checkpoint"]), prep, needs, root, params.eval.max_samples,

@@ -4,18 +4,26 @@
     length  = Linear(mean(memory))                                           log of the speech's length in frames
     shares  = softmax(Linear(memory))                                        each byte's share of that length
     queries = GaussianUpsample(memory, shares * length) + E_frame            (B, n_frames / r, D), r frames each
-    mel     = Linear(Decoder(queries, cross-attention to memory))           (B, n_mels, n_frames)
+    mel     = Linear(Decoder(queries [, cross-attention to memory]))        (B, n_mels, n_frames)
 
 No codebook: the decoder writes the normalised log-mel itself, trained by L1 to the target. Gaussian upsampling (EATS,
 Donahue et al. 2020; Non-Attentive Tacotron) lays the bytes out in order along the time axis, byte i over
-shares_i * length frames, so the alignment is monotonic by construction and the shares are learned through it. The
-length head is trained on the target's speech length (frames up to the last louder than `silence`), which also places
-the queries in training (teacher forcing); at inference it is predicted. Speakers differ (voice, pitch, rate), and a
-regression to their average is a blur, so each clip is spoken in a reference voice (Skerry-Ryan et al. 2018, here its
-mean spectrum over its loud frames): in training batch["ref"], another clip of the same speaker (tasks/train/batches.py;
-the clip itself would also carry its words), else the clip itself; at inference any clip. The vocoder (Griffin-Lim)
-lives in tasks/.
-Default config (D=128, 2 + 3 layers, 4 heads, 128 mels x 128 frames, r=4, 24 bytes): 1,327,362 parameters.
+shares_i * length frames, so the alignment is monotonic by construction. The shares are learned through the
+upsampling alone (align="soft"), or (align="mas") from monotonic alignment search (Glow-TTS, Kim et al. 2020): a
+prior head gives each byte's mean log-mel, the search finds the most likely monotonic path of the target's frames
+through the bytes, its frames per byte place the queries in training (teacher forcing) and teach the share head (KL),
+and the frames' L1 to their byte's mean trains the prior. With the alignment given, the decoder needs no
+cross-attention to the text (cross=False, as FastSpeech), and without it reads the text the way inference places it.
+The length head is trained on the target's speech length (frames up to the last louder than `silence`), which
+also places the queries in training (teacher forcing); at inference it is predicted. Speakers differ (voice, pitch,
+rate), and a regression to their average is a blur, so each clip is spoken in a reference voice (Skerry-Ryan et al.
+2018, here its mean spectrum over its loud frames): in training batch["ref"], another clip of the same speaker
+(tasks/train/batches.py; the clip itself would also carry its words), else the clip itself; at inference any clip.
+The vocoder (Griffin-Lim) lives in tasks/. The config's defaults (soft, cross-attention) are the first design's,
+which checkpoints written before the others existed hold; tasks/train/table.py trains with align="mas", cross=False
+(measured there).
+Default config (D=128, 2 + 3 layers, 4 heads, 128 mels x 128 frames, r=4, 24 bytes): 1,327,362 parameters; the
+table's (align="mas", cross=False): 1,144,962.
 """
 
 from __future__ import annotations
@@ -48,6 +56,10 @@ class TTSConfig:
     voice_dim: int = 128  # a reference clip's voice: its mean loud spectrum through this many numbers (0: none)
     sigma: float = 4.0  # Gaussian upsampling's width, frames
     silence: float = -1.0  # a frame whose mean normalised log-mel is below this is silence (speech length)
+    # how the bytes' shares of the speech are learned: "soft", through the upsampling alone; "mas", each byte's frames
+    # found by monotonic alignment search against a per-byte mean spectrum (Glow-TTS) and taught to the share head
+    align: str = "soft"
+    cross: bool = True  # the decoder's cross-attention to the text (False: the upsampled text alone, as FastSpeech)
 
 
 class TTS(nn.Module):
@@ -69,8 +81,11 @@ class TTS(nn.Module):
             if cfg.voice_dim else None
         self.length_head = nn.Linear(cfg.dim, 1)  # log of the speech length in frames
         self.dur_head = nn.Linear(cfg.dim, 1)  # each byte's share of the speech (softmax over the text)
+        if cfg.align not in ("mas", "soft"):
+            raise ValueError(f"align={cfg.align!r}: use 'mas' (alignment search) or 'soft' (through the upsampling)")
+        self.prior = nn.Linear(cfg.dim, cfg.n_mels) if cfg.align == "mas" else None  # each byte's mean log-mel
         self.frame_pos = nn.Parameter(torch.zeros(self.n_queries, cfg.dim))  # absolute position of each query, learned
-        self.decoder = Transformer(cfg.dim, cfg.dec_depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cross=True)
+        self.decoder = Transformer(cfg.dim, cfg.dec_depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cross=cfg.cross)
         self.head = nn.Linear(cfg.dim, cfg.reduction * cfg.n_mels)
         self.drop = nn.Dropout(cfg.dropout)
         self.apply(init_weights)
@@ -130,7 +145,7 @@ class TTS(nn.Module):
         c = self.cfg
         B, n_q = memory.shape[0], self.n_queries
         q = self.upsample(memory, mask, share, length) + self.frame_pos[None]  # (B, n_q, D)
-        y = self.decoder(self.drop(q), memory=memory, memory_mask=mask)  # (B, n_q, D), final LayerNorm applied
+        y = self.decoder(self.drop(q), memory=memory if c.cross else None, memory_mask=mask)  # (B, n_q, D), final LN
         return self.head(y).view(B, n_q, c.reduction, c.n_mels).flatten(1, 2).transpose(1, 2)  # (B, n_mels, T)
 
     def forward(self, batch: dict[str, torch.Tensor]):
@@ -138,8 +153,34 @@ class TTS(nn.Module):
         ref = batch.get("ref", target)  # (B, n_mels, T) whose voice: another clip of the speaker, else the clip itself
         memory, mask, log_len, share = self.encode(batch["src"], ref)
         length = self.speech_length(target)  # (B,) teacher-forced: the real length places the queries
+        loss = F.mse_loss(log_len.float(), length.log())
+        if self.prior is not None:
+            aligned, align_loss = self.aligned_shares(memory, mask, share, target, length)
+            share, loss = aligned, loss + align_loss  # teacher-forced: the searched path places the bytes
         mel = self.decode(memory, mask, share, length)
-        return mel, F.l1_loss(mel.float(), target) + F.mse_loss(log_len.float(), length.log())
+        return mel, F.l1_loss(mel.float(), target) + loss
+
+    def aligned_shares(self, memory, mask, share, target, length):
+        """Glow-TTS's alignment: each byte's mean log-mel (prior head), the most likely monotonic path of the target's
+        frames through the bytes (`monotonic_alignment`), each byte's frames on it -> (shares (B, Ls) to upsample
+        with, loss: L1 of the frames to their byte's mean + KL divergence of the share head from the path's shares).
+        A clip with fewer speech frames than bytes keeps the share head's own shares and adds no loss."""
+        mu = self.prior(memory).float()  # (B, Ls, n_mels)
+        frames = target.transpose(1, 2)  # (B, T, n_mels)
+        n_frames = length.long()
+        with torch.no_grad():
+            ll = -torch.cdist(mu, frames, p=1)  # (B, Ls, T) log-likelihood under a Laplace of scale 1, up to a constant
+            path = monotonic_alignment(ll, mask, n_frames)  # (B, T) byte of each frame, -1 past the speech
+        ok = (mask.sum(1) <= n_frames).float()  # (B,) clips the search could align
+        on = (path >= 0).float()  # (B, T)
+        dur = F.one_hot(path.clamp_min(0), mask.shape[1]).float().mul(on[..., None]).sum(1)  # (B, Ls) frames a byte
+        want = dur / length[:, None]  # (B, Ls)
+        picked = mu.gather(1, path.clamp_min(0)[..., None].expand(-1, -1, mu.shape[-1]))  # (B, T, n_mels)
+        prior = ((picked - frames).abs().mean(-1) * on * ok[:, None]).sum() / (on * ok[:, None]).sum().clamp_min(1)
+        kl = (want * (want.clamp_min(1e-8).log() - share.clamp_min(1e-8).log())).sum(-1)  # (B,) 0 when they agree
+        kl = (kl * ok).sum() / ok.sum().clamp_min(1)
+        shares = torch.where(ok[:, None] > 0, want, share)
+        return shares, prior + kl
 
     @torch.no_grad()
     def generate(self, src: torch.Tensor, ref: torch.Tensor | None = None,
@@ -158,7 +199,34 @@ class TTS(nn.Module):
         the upsampling's mix, decoder over n_frames / r with cross-attention, the frame head (x3 when train)."""
         c, n_q = self.cfg, self.n_queries
         voice = 2 * c.voice_dim * (c.n_mels + c.dim)
-        heads = 2 * c.src_len * c.dim + 2 * c.dim
+        heads = 2 * c.src_len * c.dim + 2 * c.dim + (2 * c.src_len * c.dim * c.n_mels if c.align == "mas" else 0)
         fwd = (self.encoder.flops(c.src_len) + voice + heads + 2 * n_q * c.src_len * c.dim
                + self.decoder.flops(n_q, c.src_len) + 2 * n_q * c.dim * c.reduction * c.n_mels)
         return 3 * fwd if train else fwd
+
+
+def monotonic_alignment(ll: torch.Tensor, mask: torch.Tensor, n_frames: torch.Tensor) -> torch.Tensor:
+    """Monotonic alignment search (Glow-TTS, Kim et al. 2020): the path through (byte, frame) that starts at byte 0,
+    frame 0, moves one frame a step, staying on its byte or going to the next, ends at the last byte on the last
+    speech frame, and has the largest sum of ll. ll (B, Ls, T), mask (B, Ls) real bytes first, n_frames (B,) ->
+    (B, T) long: each frame's byte, -1 past n_frames. Needs n_bytes <= n_frames (else that clip's path is -1)."""
+    B, Ls, T = ll.shape
+    n_bytes = mask.sum(1)  # (B,)
+    ll = ll.masked_fill(~mask[..., None], float("-inf"))
+    score = torch.full((B, Ls), float("-inf"), device=ll.device)
+    score[:, 0] = ll[:, 0, 0]
+    moved = torch.zeros(B, T, Ls, dtype=torch.bool, device=ll.device)  # the path came from the byte before
+    for t in range(1, T):
+        before = F.pad(score[:, :-1], (1, 0), value=float("-inf"))  # (B, Ls) the previous byte's score at t - 1
+        moved[:, t] = before > score
+        new = torch.maximum(score, before) + ll[:, :, t]
+        score = torch.where((t < n_frames)[:, None], new, score)
+    path = torch.full((B, T), -1, dtype=torch.long, device=ll.device)
+    byte = (n_bytes - 1).clamp_min(0)  # (B,) the path ends on the last byte
+    rows = torch.arange(B, device=ll.device)
+    for t in range(T - 1, -1, -1):
+        on = t < n_frames  # (B,)
+        path[:, t] = torch.where(on, byte, path[:, t])
+        byte = byte - (on & moved[rows, t, byte]).long()
+    feasible = (n_bytes <= n_frames) & (n_bytes > 0)
+    return path.masked_fill(~feasible[:, None], -1)

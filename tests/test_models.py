@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -33,7 +33,7 @@ from models import (
     sample_logits,
     text_to_image_config,
 )
-from models.tts import TTS, TTSConfig
+from models.tts import TTS, TTSConfig, monotonic_alignment
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -59,7 +59,7 @@ TINY = {
     "imagegpt_cond": (ImageGPT, ImageGPTConfig(vocab_size=16, seq_len=24, n_classes=3, depth=2, **SMALL)),
     "audio_to_text": (Seq2Seq, audio_to_text_config(n_mels=16, n_frames=24, tgt_len=20, **S2S)),
     "text_to_image": (Seq2Seq, text_to_image_config(n_codes=16, n_tokens=12, src_len=24, **S2S)),
-    "tts": (TTS, TTSConfig(n_mels=16, n_frames=24, src_len=24, voice_dim=4, **S2S)),
+    "tts": (TTS, TTSConfig(n_mels=16, n_frames=24, src_len=24, voice_dim=4, align="mas", **S2S)),
     "clip": (CLIP, CLIPConfig(img_size=16, patch_size=4, **CLIP_SMALL)),
     "clip_bidir": (CLIP, CLIPConfig(img_size=16, patch_size=4, text_causal=False, **CLIP_SMALL)),
     "clap": (CLIP, CLIPConfig(tower="audio", n_mels=32, n_frames=32, mel_patch=8, fstride=8, tstride=8, **CLIP_SMALL)),
@@ -92,7 +92,8 @@ def make_batch(cfg, B: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
             tgt = torch.randint(0, cfg.bos_id, (B, cfg.tgt_len), generator=g)
         return {"src": src, "tgt": tgt}
     if isinstance(cfg, TTSConfig):
-        mel = torch.randn(B, cfg.n_mels, cfg.n_frames, generator=g)
+        # sounds of 4 frames each (a byte's mean frame can fit them: models/tts.py `prior`)
+        mel = torch.randn(B, cfg.n_mels, cfg.n_frames // 4, generator=g).repeat_interleave(4, -1)
         for b in range(B):  # each clip ends in silence, a frame later than the one before
             mel[b, :, cfg.n_frames // 2 + b:] = -3.0
         return {"src": TOK.batch_encode((CAPTIONS * B)[:B], cfg.src_len), "mel": mel}
@@ -516,6 +517,49 @@ def test_label_smoothing_follows_cross_entropy_and_only_in_training():
     torch.testing.assert_close(smooth.eval()(batch)[1], ce)  # evaluation reports plain cross-entropy
     soft = torch.nn.functional.one_hot(batch["label"], 5).float()  # soft targets (mixup, cutmix) are accepted
     torch.testing.assert_close(smooth.train()(dict(batch, label=soft))[1], loss)
+
+
+def test_monotonic_alignment_finds_each_bytes_frames():
+    """Frames that are noisy copies of their byte's mean, bytes over 2, 6, 3, 5, 4 frames then silence: the search
+    returns exactly that path (-1 past the speech); a clip with more bytes than frames gets no path."""
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(2, 7, 8, generator=g) * 3  # (B, Ls, n_mels) each byte's mean
+    truth = torch.tensor([i for i, d in enumerate([2, 6, 3, 5, 4]) for _ in range(d)])  # (20,)
+    frames = torch.zeros(2, 24, 8)
+    frames[:, :20] = mu[:, truth] + 0.3 * torch.randn(2, 20, 8, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]]).bool()
+    path = monotonic_alignment(-torch.cdist(mu, frames, p=1), mask, torch.tensor([20, 5]))
+    assert path[0].tolist() == truth.tolist() + [-1] * 4
+    assert (path[1] == -1).all()  # 7 bytes cannot be spoken in 5 frames
+
+
+def test_tts_learns_its_alignment_from_the_search():
+    """align="mas": the loss adds the prior and share terms, and 30 optimiser steps bring that term down (the prior
+    head fits the bytes' frames, the share head the searched path); align="soft" has no prior head; an unknown align is
+    a clear error."""
+    model, cfg = build("tts")
+    g = torch.Generator().manual_seed(0)
+    src = TOK.batch_encode(["a red", "blue"], cfg.src_len)  # fewer bytes than the 16 speech frames
+    mel = torch.full((2, cfg.n_mels, cfg.n_frames), -3.0)  # silence after 16 frames
+    mel[:, :, :16] = torch.randn(2, cfg.n_mels, 4, generator=g).repeat_interleave(4, -1)  # 4 sounds of 4 frames
+    batch = {"src": src, "mel": mel}
+
+    def align_loss():
+        memory, mask, _, share = model.encode(batch["src"], mel)
+        shares, loss = model.aligned_shares(memory, mask, share, mel, model.speech_length(mel))
+        assert torch.allclose(shares.sum(-1), torch.ones(2))
+        return loss
+
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = align_loss().item()
+    for _ in range(30):
+        opt.zero_grad()
+        model(batch)[1].backward()
+        opt.step()
+    assert first > 0 and align_loss().item() < 0.7 * first
+    assert TTS(replace(cfg, align="soft")).prior is None
+    with pytest.raises(ValueError, match="align"):
+        TTS(replace(cfg, align="hard"))
 
 
 def test_tts_lays_the_bytes_out_in_order_and_speaks_in_the_reference_voice():

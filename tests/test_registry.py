@@ -24,10 +24,12 @@ def _variant(src: Path, path: Path, scale: float) -> Path:
     return path
 
 
-def _record(c: MlflowClient, ckpt: Path, val_acc: float, steps: int = 10, planned: int = 10) -> dict:
+def _record(c: MlflowClient, ckpt: Path, val_acc: float, steps: int = 10, planned: int = 10,
+            time_capped: bool = False) -> dict:
     run_id = c.create_run(tracking.experiment_id(c, "tessera-digits")).info.run_id
     return {"checkpoint": str(ckpt), "run_id": run_id, "steps": steps, "planned_steps": planned,
-            "best_step": steps, "best_val": {"val/accuracy": val_acc, "val/loss": 1.0 - val_acc}}
+            "best_step": steps, "best_val": {"val/accuracy": val_acc, "val/loss": 1.0 - val_acc},
+            "time_capped": time_capped}
 
 
 def _latest(c: MlflowClient, name: str) -> str:
@@ -65,11 +67,14 @@ def test_versions_tags_latest_and_champion(builtin_world, tiny_checkpoints, tmp_
     better = registry.register("vit", _record(c, _variant(trained, tmp_path / "e.pt", 3.0), 0.9), test, prep, {},
                                reg)
     assert better["champion"] == "5" and str(c.get_model_version_by_alias(name, "champion").version) == "5"
+    capped = registry.register("vit", _record(c, _variant(trained, tmp_path / "f.pt", 4.0), 0.95, steps=6,
+                                              time_capped=True), test, prep, {}, reg)
+    assert capped["champion"] == "6"  # fewer steps, but the whole schedule the time cap left it: eligible
 
     again = registry.register("vit", _record(c, trained, 0.6), test, prep, {}, reg)  # the first checkpoint again
     assert (again["version"], again["new"]) == ("1", False)
-    assert len(c.search_model_versions(f"name='{name}'")) == 5
-    assert _latest(c, name) == "5"  # the newest version, not the last registered
+    assert len(c.search_model_versions(f"name='{name}'")) == 6
+    assert _latest(c, name) == "6"  # the newest version, not the last registered
     loaded = mlflow.pytorch.load_model(f"models:/{name}@champion")  # what a user loads
     assert loaded is not None
 

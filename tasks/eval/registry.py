@@ -7,8 +7,9 @@ Registering the same checkpoint again (a cached re-run) finds its version instea
 
 The newest version is `models:/tessera-<dataset>-<model>/latest` (MLflow resolves it, and reserves `latest` as an
 alias name); the alias `champion` is on the best by validation (the model table's `monitor`: val accuracy for the
-classifiers, ties broken by the lower val loss; else the lower val loss) among the versions that are eligible: trained with a non-tiny preset and run to their planned budget
-(all planned steps, or stopped early on validation). Load one with
+classifiers, ties broken by the lower val loss; else the lower val loss) among the versions that are eligible:
+trained with a non-tiny preset and run to their planned budget (all planned steps, stopped early on validation, or
+a whole schedule the time cap shortened: TrainConfig.max_minutes). Load one with
 `mlflow.pytorch.load_model("models:/tessera-fsdd4-ast@champion")`.
 """
 
@@ -52,8 +53,10 @@ def val_score(model: str, val: dict[str, float]) -> list[float] | None:
 
 
 def eligible(record: dict, preset: str) -> bool:
-    """A champion candidate: a non-tiny preset, trained to its planned budget (or stopped early on validation)."""
-    ran = record["steps"] >= record.get("planned_steps", record["steps"]) or bool(record.get("stopped_early"))
+    """A champion candidate: a non-tiny preset, trained to its planned budget (or stopped early on validation, or to
+    the end of a schedule the time cap moved)."""
+    ran = (record["steps"] >= record.get("planned_steps", record["steps"]) or bool(record.get("stopped_early"))
+           or bool(record.get("time_capped")))
     return preset != "tiny" and ran
 
 

@@ -92,6 +92,9 @@ class ModelSpec:
     # the validation metric that picks the best checkpoint and stops training early (TrainConfig.patience):
     # "val/accuracy" (higher is better; equal accuracy: lower val/loss) or "val/loss" (lower is better)
     monitor: str = "val/loss"
+    # its train task's minutes in the default `make run` (built-in set, Intel AMX machine, 2026-12-02): its share of a
+    # run's time budget for training (TrainParams.train_minutes -> each model's TrainConfig.max_minutes)
+    minutes: float = 1.0
 
     def build(self, cfg) -> nn.Module:
         return self.model_cls(cfg)
@@ -124,6 +127,9 @@ def _patches(size: int, patch: int, stride: int | None = None) -> int:
 # 0.092-0.095 s, AST 0.158-0.19 s, CLIP 0.184 s, ImageGPT 0.21-0.25 s, ASR 0.14-0.15 s, text-to-image 0.2-0.235 s,
 # text-to-speech 0.16-0.17 s.
 BUILTIN_TRAIN = {"image": 1456, "audio": 752}
+# Each model's time cap (TrainConfig.max_minutes) unless the run shares a budget out (TrainParams.train_minutes): a
+# slower machine trains fewer steps with a whole schedule rather than for longer (tasks/train/budget.py).
+MODEL_MINUTES = 15.0
 ITEMS = {"image": "images", "audio": "clips"}  # what a modality's items are called in the budget's line
 
 
@@ -139,6 +145,7 @@ MODELS: dict[str, ModelSpec] = {
         train=dict(epochs=26.37, max_steps=7500, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=50,
                    weight_decay=0.05),
         needs=("label",), evaluation="classifier", role="image-classifier", headline=("accuracy",),
+        minutes=1.3,
         accuracy=label_accuracy, augment=vit_augment, monitor="val/accuracy",
     ),
     "ast": ModelSpec(
@@ -162,6 +169,7 @@ MODELS: dict[str, ModelSpec] = {
         train=dict(epochs=17, max_steps=3750, batch_size=32, lr=5e-4, min_lr=5e-5, warmup_steps=40, weight_decay=0.05),
         needs=("label",), evaluation="classifier", headline=("accuracy",), accuracy=label_accuracy,
         augment=ast_augment, monitor="val/accuracy",
+        minutes=1.15,
     ),
     "clip": ModelSpec(
         "image", CLIP, CLIPConfig, _clip, clip_batch,
@@ -178,6 +186,7 @@ MODELS: dict[str, ModelSpec] = {
         train=dict(epochs=26.37, max_steps=3750, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=60,
                    weight_decay=0.1),
         needs=("text", "distinct text"), evaluation="image-text", role="image-text",
+        minutes=2.65,
         headline=("zero_shot/combo_accuracy", "zero_shot/label_accuracy", "retrieval/i2t_recall_at_1"),
         accuracy=retrieval_accuracy, init=("vit", "encoder.patch_embed.", "visual.patch_embed."),
         # best checkpoint by in-batch retrieval accuracy: the contrastive val loss rises (ever more confident logits)
@@ -196,6 +205,7 @@ MODELS: dict[str, ModelSpec] = {
         train=dict(epochs=13.18, max_steps=2750, batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=30,
                    weight_decay=0.05),
         codebook="pixels", evaluation="image-sampler", role="image-sampler", headline=("bits_per_token",),
+        minutes=2.85,
     ),
     "asr": ModelSpec(
         "audio", Seq2Seq, Seq2SeqConfig, _asr, asr_batch,
@@ -209,6 +219,7 @@ MODELS: dict[str, ModelSpec] = {
         train=dict(epochs=10.63, max_steps=4750, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=25,
                    weight_decay=0.05),
         needs=("text",), evaluation="transcriber", role="speech-recogniser", headline=("cer",),
+        minutes=0.8,
         accuracy=token_accuracy, augment=asr_augment,
     ),
     "t2i": ModelSpec(
@@ -226,6 +237,7 @@ MODELS: dict[str, ModelSpec] = {
         train=dict(epochs=26.37, max_steps=4800, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=30,
                    weight_decay=0.05),
         codebook="image", needs=("text",), evaluation="text-to-image", role="image-generator",
+        minutes=5.6,
         headline=("bits_per_token",),
     ),
     "tts": ModelSpec(
@@ -242,11 +254,18 @@ MODELS: dict[str, ModelSpec] = {
         # epochs); the default run's round trip: 0.31. The reference voice another clip of the same speaker instead of
         # the clip itself (batches.voice_partners; seeds 0 / 1 / 2: 0.42 / 0.49 / 0.35 -> 0.21 / 0.37 / 0.26): 0.21;
         # with the judge trained with a random gain (augment/audio.py ASR_AUG): 0.13.
-        default=dict(dim=128, enc_depth=2, dec_depth=3, n_heads=4, src_len=24),
-        tiny=dict(dim=32, enc_depth=1, dec_depth=1, n_heads=2, src_len=16),
+        # The bytes' shares from monotonic alignment search and no cross-attention in the decoder (align="mas",
+        # cross=False; models/tts.py), 64 test transcripts, two judges (the speech recognisers of seeds 0 and 1), TTS
+        # seeds 0 / 1 / 2: the shares through the upsampling alone, with cross-attention (before) 0.231 / 0.189 / 0.127
+        # (judge 1: 0.259 / 0.189 / 0.160); the search with cross-attention 0.310 / 0.166 / 0.148 (0.269 / 0.131 /
+        # 0.138); the search without it 0.101 / 0.155 / 0.189 (0.054 / 0.091 / 0.170): mean 0.193 -> 0.127; neither
+        # alone (no search, no cross-attention 0.275 / 0.269; 0.297 / 0.158).
+        default=dict(dim=128, enc_depth=2, dec_depth=3, n_heads=4, src_len=24, align="mas", cross=False),
+        tiny=dict(dim=32, enc_depth=1, dec_depth=1, n_heads=2, src_len=16, align="mas", cross=False),
         train=dict(epochs=34.03, max_steps=4000, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=40,
                    weight_decay=0.05),
         needs=("text",), evaluation="text-to-speech", role="speech-generator", headline=("mel_l1",),
+        minutes=2.1,
     ),
 }
 

@@ -4,7 +4,8 @@
                                                            "steps", "best_step", "best_val", "stopped_early", ...}
 
 setup (device, DDP, threads, precision: tasks/infra/hardware.py) -> data (shards -> make_batch) -> budget (epochs
-over the train split -> steps, within a cap and a floor: plan_budget) -> model + AdamW -> resume -> MLflow run
+over the train split -> steps, within a cap and a floor: tasks/train/budget.py plan_budget; a wall-clock cap,
+max_minutes, may move the schedule's end while training: budget.Clock) -> model + AdamW -> resume -> MLflow run
 (params) -> loop: one optimiser step = lr = get_lr(step); grad_accum micro-batches (bf16 autocast where it pays, DDP
 no_sync but the last); clip; step -> then log (buffered, sent every log_every steps), evaluate on the val split every
 eval_every steps (a better val metric, table `monitor`: best.pt; `patience` evaluations without one: stop early),
@@ -73,7 +74,8 @@ from tasks.infra.common import read_success, tree_digest, write_json
 from tasks.infra.hardware import compute_dtype, cpu_threads, distributed, peak_flops, pick_device, sync
 from tasks.train.augment import DEFAULTS as augment_defaults, settings as augment_settings
 from tasks.train.batches import BatchContext, DataInfo
-from tasks.train.table import ITEMS, MODELS, ModelSpec, configure, spec
+from tasks.train.budget import Budget, Clock, plan_budget
+from tasks.train.table import ITEMS, MODEL_MINUTES, MODELS, ModelSpec, configure, spec
 
 LOSS_KEY = "train/loss"
 BETAS = (0.9, 0.95)
@@ -85,6 +87,8 @@ class TrainConfig:
     epochs: float | None = None  # the budget in passes over the train split (see plan_budget); None: max_steps steps
     min_steps: int = 100  # with `epochs`: the floor on the steps (the cap wins when it is lower)
     patience: int | None = 5  # stop after this many evaluations without a better val metric; None or 0: never
+    # wall-clock cap on the training, minutes: the schedule's end moves to the steps that fit (budget.Clock); None: none
+    max_minutes: float | None = None
     batch_size: int = 64  # samples per micro-batch (per rank)
     grad_accum: int = 1  # micro-batches per step
     lr: float = 1e-3  # peak learning rate, after linear warmup
@@ -112,6 +116,8 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
         if self.epochs is not None and not self.epochs > 0:
             raise ValueError(f"TrainConfig.epochs={self.epochs} must be > 0 (None: a fixed max_steps)")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"TrainConfig.max_minutes={self.max_minutes} must be > 0 (None: no time cap)")
         if self.patience is not None and self.patience < 0:
             raise ValueError(f"TrainConfig.patience={self.patience} must be >= 0 (0 or None: no early stopping)")
         if not 0 <= self.min_lr <= self.lr:
@@ -127,9 +133,10 @@ class TrainConfig:
 
 
 def default_train_config(model: str, **overrides) -> TrainConfig:
-    """TrainConfig with the model's suggested fields (table `train`: an epochs budget and a max_steps cap), then
-    `overrides`. max_steps among the overrides without epochs is a step count: it wins over the table's epochs."""
-    fields = {**spec(model).train, **overrides}
+    """TrainConfig with the model's suggested fields (table `train`: an epochs budget and a max_steps cap; the time
+    cap MODEL_MINUTES), then `overrides`. max_steps among the overrides without epochs is a step count: it wins over
+    the table's epochs."""
+    fields = {"max_minutes": MODEL_MINUTES, **spec(model).train, **overrides}
     if "max_steps" in overrides and "epochs" not in overrides:
         fields["epochs"] = None
     cfg = TrainConfig(**fields)
@@ -217,6 +224,7 @@ class State:
     best_step: int = 0  # the step of the best evaluation (0: none yet)
     bad_evals: int = 0  # evaluations since the best one (early stopping: TrainConfig.patience)
     stopped: bool = False  # stopped early: bad_evals reached patience
+    clock: Clock = field(default_factory=lambda: Clock(None))  # training time against TrainConfig.max_minutes
 
 
 @dataclass
@@ -306,47 +314,6 @@ def load_data(job: Job) -> Data:
 
 
 # ---------------------------------------------------------------------------------------------------- budget
-@dataclass(frozen=True)
-class Budget:
-    """The optimiser steps a run plans, and where they come from (plan_budget)."""
-
-    steps: int  # optimiser steps planned
-    n_train: int  # items in the train split
-    per_step: int  # samples per optimiser step, all ranks together
-    epochs: float | None  # the budget in passes over the train split; None: a fixed step count (max_steps)
-    wanted: int  # the steps the epochs come to, before the cap and the floor
-    cap: int
-    floor: int
-
-    def epochs_of(self, steps: int) -> float:
-        """The passes over the train split that `steps` optimiser steps make."""
-        return steps * self.per_step / max(self.n_train, 1)
-
-    def line(self, model: str, items: str) -> str:
-        """One line, e.g. "ast: 17 epochs of 1350 clips = 718 steps (cap 3750)"."""
-        ran = f"{self.epochs_of(self.steps):.3g} epochs of {self.n_train} {items}"
-        if self.epochs is None:
-            return f"{model}: {self.steps} steps, a fixed count ({ran})"
-        head = f"{model}: {self.epochs:g} epochs of {self.n_train} {items} = {self.wanted} steps"
-        if self.wanted > self.steps:
-            return f"{head}, capped at {self.steps} ({ran})"
-        if self.wanted < self.steps:
-            return f"{head}, raised to the floor of {self.steps} ({ran}; cap {self.cap})"
-        return f"{head} (cap {self.cap})"
-
-
-def plan_budget(cfg: TrainConfig, n_train: int, world: int = 1) -> Budget:
-    """With cfg.epochs: ceil(epochs * n_train / (batch_size * grad_accum * world)) steps, at least min_steps and at
-    most max_steps (the cap wins over the floor). Without: max_steps steps."""
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    if cfg.epochs is None:
-        return Budget(cfg.max_steps, n_train, per_step, None, cfg.max_steps, cfg.max_steps, cfg.max_steps)
-    exact = cfg.epochs * n_train / per_step
-    wanted = math.ceil(exact - 1e-9 * max(1.0, exact))  # a product that is a whole number in decimals stays whole
-    steps = min(cfg.max_steps, max(cfg.min_steps, wanted))
-    return Budget(steps, n_train, per_step, cfg.epochs, wanted, cfg.max_steps, cfg.min_steps)
-
-
 def count_train(job: Job, data: Data) -> int:
     """Items in the model's train split: stats.json `counts` (preprocess writes it), else the samples in the shards."""
     counts = (data.info.stats.get("counts") or {}).get(job.model_spec.modality) or {}
@@ -436,6 +403,8 @@ def build_state(job: Job, env: Env, data: Data, ckpt: dict | None) -> State:
     if env.world > 1:
         step_model = DDP(step_model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
     state = State(net, step_model, opt, Stream(data.train_urls, job.cfg, epoch, batch), step, val)
+    cap = job.cfg.max_minutes * 60 if job.cfg.max_minutes else None
+    state.clock = Clock(cap, before=float((ckpt or {}).get("clock_s", 0.0)), first_step=step)
     if ckpt is not None:  # the best evaluation and the patience count (a checkpoint from before them has none)
         state.best, state.best_step = dict(ckpt.get("best_val") or {}), ckpt.get("best_step", 0)
         state.bad_evals, state.stopped = ckpt.get("bad_evals", 0), ckpt.get("stopped_early", False)
@@ -554,9 +523,12 @@ def judge(job: Job, state: State) -> bool:
     return False
 
 
-def run_loop(job: Job, env: Env, data: Data, state: State, run, meter: Throughput) -> None:
+def run_loop(job: Job, env: Env, data: Data, state: State, run, meter: Throughput) -> Job:
+    """Optimiser steps until the schedule's end or an early stop -> the job, whose end the time cap may have moved."""
     state.net.train()
     while state.step < job.cfg.max_steps and not state.stopped:
+        if state.clock.cap_s is not None and state.step % job.cfg.log_every == 0:
+            job = time_capped(job, env, state)
         train = optimiser_step(job, env, data, state)
         meter.window += 1
         after_step(job, env, data, state, run, meter, train)
@@ -564,6 +536,21 @@ def run_loop(job: Job, env: Env, data: Data, state: State, run, meter: Throughpu
             flag = torch.tensor([int(state.stopped)], device=env.device)
             dist.broadcast(flag, 0)  # rank 0 alone evaluates: every rank stops where it does
             state.stopped = bool(flag.item())
+    return job
+
+
+def time_capped(job: Job, env: Env, state: State) -> Job:
+    """The job with the schedule's end that fits TrainConfig.max_minutes at the pace so far (budget.Clock; rank 0's
+    clock decides for every rank); a move of the end is said on stdout."""
+    planned = job.budget.steps if job.budget else job.cfg.max_steps
+    end = state.clock.end(state.step, planned) or job.cfg.max_steps  # None: not decided yet, the end stays
+    if env.world > 1:
+        agreed = torch.tensor([end], device=env.device)
+        dist.broadcast(agreed, 0)
+        end = int(agreed.item())
+    if env.master and (line := state.clock.announce(job.model, end, planned)):
+        print(line, flush=True)
+    return job if end == job.cfg.max_steps else replace(job, cfg=replace(job.cfg, max_steps=end))
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -604,7 +591,8 @@ def save_state(job: Job, data: Data, state: State, run_id: str | None) -> None:
     save_checkpoint(job.ckpt_path, {
         **_weights(job, data, state, run_id), "optimizer": state.opt.state_dict(), "epoch": state.stream.epoch,
         "batch": state.stream.batch, "rng": rng_state(), "best_val": state.best, "best_step": state.best_step,
-        "bad_evals": state.bad_evals, "stopped_early": state.stopped,
+        "bad_evals": state.bad_evals, "stopped_early": state.stopped, "clock_s": state.clock.spent,
+        "end": job.cfg.max_steps,
     })
     write_json(job.out_dir / STATE, {"run_id": run_id, "checkpoint_step": state.step})
 
@@ -673,6 +661,8 @@ def run_record(job: Job, state: State, run_id: str | None) -> dict:
             "planned_steps": budget.steps, "epochs": round(budget.epochs_of(state.step), 3),
             "planned_epochs": round(budget.epochs_of(budget.steps), 3), "n_train": budget.n_train,
             "stopped_early": state.stopped, "best_step": state.best_step if best else state.step,
+            "time_capped": state.step < budget.steps and not state.stopped,
+            "train_seconds": round(state.clock.spent, 1),
             "best_val": {k: float(v) for k, v in (state.best if best else state.val).items()},
             "final_val_loss": state.val.get("val/loss"), "metrics": {k: float(v) for k, v in state.val.items()}}
 
@@ -686,7 +676,8 @@ def report_end(job: Job, env: Env, data: Data, state: State, run) -> dict:
         run.client.log_artifact(run.run_id, str(job.ckpt_path), artifact_path="checkpoint")
         if record["checkpoint"] != record["last_checkpoint"]:
             run.client.log_artifact(run.run_id, record["checkpoint"], artifact_path="checkpoint")
-        run.set_tags({"tessera.stopped_early": str(state.stopped).lower(), "tessera.best_step": record["best_step"]})
+        run.set_tags({"tessera.stopped_early": str(state.stopped).lower(), "tessera.best_step": record["best_step"],
+                      "tessera.time_capped": str(record["time_capped"]).lower()})
     return record
 
 
@@ -735,12 +726,14 @@ def _train(job: Job) -> dict:
     if ckpt is not None and env.master:
         check_best(job, ckpt)
     state = build_state(job, env, data, ckpt)
+    if ckpt is not None and job.cfg.max_minutes and ckpt.get("end", job.cfg.max_steps) < job.cfg.max_steps:
+        job = replace(job, cfg=replace(job.cfg, max_steps=int(ckpt["end"])))  # where the time cap had moved the end
     with _sigterm_raises(), tracked_run(job, env, run_id) as run:
         report_start(job, env, data, state, run)
         if ckpt is not None:
             restore_rng(env, ckpt, job.cfg.seed)
         meter = start_meter(job, env, data, state)
-        run_loop(job, env, data, state, run, meter)
+        job = run_loop(job, env, data, state, run, meter)
         record = report_end(job, env, data, state, run)
     if env.master:  # after the run has ended FINISHED: a marked-finished out_dir never has a RUNNING run
         write_json(job.out_dir / "_SUCCESS", record)
