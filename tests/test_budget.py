@@ -335,7 +335,8 @@ def _steps_take_a_second(monkeypatch) -> None:
 
 def test_the_clock_moves_the_end_to_the_steps_that_fit(monkeypatch):
     """A cap of 100 s at 1 s a step: after 20 steps the end is step 100 (or the plan, if sooner); no decision before
-    20 steps of this attempt; time already spent (a resumed run's) counts; a run out of time gets one more step."""
+    20 steps of this attempt; time already spent (a resumed run's) counts; a run out of time gets one more step; the
+    pace leaves out the first 10 steps' warm-up."""
     t = [0.0]
     monkeypatch.setattr(budget, "now", lambda: t[0])
     clock = budget.Clock(100.0)
@@ -351,6 +352,11 @@ def test_the_clock_moves_the_end_to_the_steps_that_fit(monkeypatch):
     assert resumed.end(75, 500) == 76  # out of time: the next step ends the run
     assert clock.announce("vit", 100, 500).startswith("[vit] time cap 1.67 min: the schedule now ends at step 100")
     assert clock.announce("vit", 99, 500) is None  # moved by less than 2% of the plan since it was said
+    warm = budget.Clock(100.0, t0=0.0)  # the first 10 steps take 5 s each (warm-up), then 1 s: the pace is 1 s
+    t[0] = 50.0
+    assert warm.end(10, 500) is None
+    t[0] = 60.0
+    assert warm.end(20, 500) == 60  # 60 s spent, 40 left at 1 s a step (from the first 10 steps' pace: 33)
 
 
 def test_a_time_capped_run_ends_its_schedule_where_the_time_runs_out(prep, tmp_path, monkeypatch, capsys, mlflow_db):

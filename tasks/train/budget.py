@@ -74,6 +74,7 @@ class Clock:
     first_step: int = 0  # the step this attempt started at
     t0: float = field(default_factory=lambda: now())
     said: int = 0  # the end last announced (0: none)
+    mark: tuple[int, float] | None = None  # (step, time) the pace is measured from, once past the first steps
 
     @property
     def spent(self) -> float:
@@ -83,11 +84,17 @@ class Clock:
         """The step the schedule should end at: `planned`, or fewer when this attempt's pace (seconds per step so
         far, evaluations and checkpoints included) says they would not fit in the cap; always past `step`, so the
         step that ends the run is evaluated and checkpointed as every last step is. None (keep the end it has) until
-        this attempt has run `min_steps` steps, or without a cap."""
+        this attempt has run `min_steps` steps, or without a cap. The pace leaves out the attempt's first
+        min_steps / 2 steps (measured from `mark` once there are as many after it): they are slower (warm-up)."""
         done = step - self.first_step
-        if self.cap_s is None or done < min_steps:
+        if self.cap_s is None:
             return None
-        pace = (now() - self.t0) / done
+        if self.mark is None and done >= min_steps // 2:
+            self.mark = (step, now())
+        if done < min_steps:
+            return None
+        s0, t0 = self.mark if step - self.mark[0] >= min_steps // 2 else (self.first_step, self.t0)
+        pace = (now() - t0) / (step - s0)
         return max(step + 1, min(planned, step + math.floor((self.cap_s - self.spent) / pace)))
 
     def announce(self, model: str, end: int, planned: int) -> str | None:
