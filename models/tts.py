@@ -167,16 +167,15 @@ class TTS(nn.Module):
         A clip with fewer speech frames than bytes keeps the share head's own shares and adds no loss."""
         mu = self.prior(memory).float()  # (B, Ls, n_mels)
         frames = target.transpose(1, 2)  # (B, T, n_mels)
-        n_frames = length.long()
         with torch.no_grad():
             ll = -torch.cdist(mu, frames, p=1)  # (B, Ls, T) log-likelihood under a Laplace of scale 1, up to a constant
-            path = monotonic_alignment(ll, mask, n_frames)  # (B, T) byte of each frame, -1 past the speech
-        ok = (mask.sum(1) <= n_frames).float()  # (B,) clips the search could align
-        on = (path >= 0).float()  # (B, T)
+            path = monotonic_alignment(ll, mask, length.long())  # (B, T) byte of each frame, -1 past the speech
+        on = (path >= 0).float()  # (B, T) frames on the path: none for a clip the search could not align
+        ok = on.amax(1)  # (B,) clips the search aligned
         dur = F.one_hot(path.clamp_min(0), mask.shape[1]).float().mul(on[..., None]).sum(1)  # (B, Ls) frames a byte
         want = dur / length[:, None]  # (B, Ls)
         picked = mu.gather(1, path.clamp_min(0)[..., None].expand(-1, -1, mu.shape[-1]))  # (B, T, n_mels)
-        prior = ((picked - frames).abs().mean(-1) * on * ok[:, None]).sum() / (on * ok[:, None]).sum().clamp_min(1)
+        prior = ((picked - frames).abs().mean(-1) * on).sum() / on.sum().clamp_min(1)
         kl = (want * (want.clamp_min(1e-8).log() - share.clamp_min(1e-8).log())).sum(-1)  # (B,) 0 when they agree
         kl = (kl * ok).sum() / ok.sum().clamp_min(1)
         shares = torch.where(ok[:, None] > 0, want, share)

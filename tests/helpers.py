@@ -25,7 +25,7 @@ from models.vq import Codebook
 from tasks.data.codebook import save_codebook
 from tasks.infra.checkpoint import save_checkpoint
 from tasks.infra.common import sha256_bytes, write_json
-from tasks.train.trainer import TrainConfig
+from tasks.train.trainer import TrainConfig, get_lr
 
 
 def png_bytes(rgb=(255, 0, 0), size=(32, 32)) -> bytes:
@@ -78,6 +78,21 @@ TINY_TRAIN = TrainConfig(max_steps=12, batch_size=16, lr=3e-3, min_lr=3e-4, warm
                          ckpt_every=4, log_every=3, precision="fp32", shuffle_buffer=64)
 
 
+def weights_equal(a: dict, b: dict) -> bool:
+    """Two state dicts with the same keys and equal tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def failing_at(step_to_fail: int):
+    """A stand-in for trainer.get_lr that raises at one step (a crash mid-run), else the real schedule."""
+    def failing_get_lr(step, cfg):  # step: optimiser steps applied so far
+        if step == step_to_fail:
+            raise RuntimeError("boom")
+        return get_lr(step, cfg)
+
+    return failing_get_lr
+
+
 def _prep_image(label: int, rng) -> np.ndarray:
     img = rng.integers(0, 60, (3, PREP_SIZE, PREP_SIZE))
     img[:, : PREP_SIZE // 2] += 150 * (label == 0)  # class 0: bright top half
@@ -125,8 +140,8 @@ def make_prep(root: Path, n_train: int = 64, n_val: int = 16) -> Path:
     return root
 
 
-# The trainer tests' module fixtures (tests/test_train.py, tests/test_budget.py import them): one SQLite MLflow store
-# per module (creating one costs seconds; tests keep apart by experiment name) and one tiny prep folder.
+# The trainer tests' module fixtures (tests/test_train.py, test_budget.py and test_time_cap.py import them): one SQLite
+# MLflow store per module (creating one costs seconds; tests keep apart by experiment name) and one tiny prep folder.
 @pytest.fixture(scope="module")
 def mlflow_db(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"

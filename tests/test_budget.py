@@ -13,10 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-import torch
 from mlflow import MlflowClient
 
-import tasks.train.budget as budget
 import tasks.train.trainer as trainer
 from flows.params import PipelineParams, TrainParams
 from tasks.eval.evaluate import load_model
@@ -25,7 +23,8 @@ from tasks.train.table import BUILTIN_TRAIN, MODELS, build_from_checkpoint
 from tasks.train.trainer import (CheckpointError, TrainConfig, default_train_config, get_lr, load_checkpoint,
                                  plan_budget, train)
 
-from tests.helpers import TINY_TRAIN, _shared_mlflow, mlflow_db, prep  # noqa: F401 (fixtures)
+from tests.helpers import (TINY_TRAIN, _shared_mlflow, failing_at, mlflow_db, prep,  # noqa: F401 (fixtures)
+                           weights_equal)
 
 # The step counts the models had before the budget followed the data: the table's epochs must give them back on the
 # built-in set (BUILTIN_TRAIN), so `make run`'s figures and time stay.
@@ -35,10 +34,6 @@ FLAT = replace(TINY_TRAIN, lr=0.0, min_lr=0.0)  # nothing moves: every evaluatio
 
 def _client(mlflow_db: str) -> MlflowClient:
     return MlflowClient(tracking_uri=mlflow_db)
-
-
-def _weights_equal(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------------------------ the budget
@@ -123,27 +118,6 @@ def test_steps_win_over_epochs_and_epochs_override_every_model():
         TrainParams(epochs=0)
 
 
-def test_a_run_shares_its_training_minutes_by_each_models_time_in_the_default_run():
-    """--train-minutes: each model's time cap is its share by table `minutes` among the run's models (all of them:
-    the shares add up to the budget); without it, MODEL_MINUTES each; a model's own max_minutes wins."""
-    from flows.pipeline import train_config
-    from tasks.train.table import MODEL_MINUTES
-
-    models = list(MODELS)
-    run = PipelineParams(train=TrainParams(train_minutes=17))
-    caps = {m: train_config(m, run, models).max_minutes for m in models}
-    assert sum(caps.values()) == pytest.approx(17)
-    total = sum(MODELS[m].minutes for m in models)
-    assert caps["t2i"] == pytest.approx(17 * MODELS["t2i"].minutes / total) and caps["t2i"] > caps["vit"]
-    pair = train_config("vit", run, ["vit", "ast"]).max_minutes  # two models share the whole budget
-    assert pair == pytest.approx(17 * MODELS["vit"].minutes / (MODELS["vit"].minutes + MODELS["ast"].minutes))
-    assert train_config("vit", PipelineParams(), models).max_minutes == MODEL_MINUTES
-    own = PipelineParams(train=TrainParams(train_minutes=17, train_overrides={"vit": {"max_minutes": 3}}))
-    assert train_config("vit", own, models).max_minutes == 3
-    with pytest.raises(ValueError):
-        TrainParams(train_minutes=0)
-
-
 def test_a_run_plans_its_steps_from_the_shards_when_stats_has_no_counts(prep, tmp_path, capsys, mlflow_db):
     """stats.json without `counts`: the train split is counted in the shards (64 images); 2 epochs of batch 16 are
     8 steps, the schedule ends there, and the record says so."""
@@ -221,15 +195,15 @@ def test_best_pt_holds_the_weights_of_the_best_evaluation(prep, tmp_path, monkey
     best_weights, best_val = seen[2]
     best = load_checkpoint(tmp_path / "out" / BEST)
     last = load_checkpoint(tmp_path / "out" / CKPT)
-    assert _weights_equal(best["state_dict"], best_weights) and best["step"] == 4 and best["val"] == best_val
-    assert _weights_equal(last["state_dict"], seen[4][0]) and not _weights_equal(last["state_dict"], best_weights)
+    assert weights_equal(best["state_dict"], best_weights) and best["step"] == 4 and best["val"] == best_val
+    assert weights_equal(last["state_dict"], seen[4][0]) and not weights_equal(last["state_dict"], best_weights)
     assert sorted(best) == sorted(WEIGHTS)
     assert record["checkpoint"] == str(tmp_path / "out" / BEST)
     assert record["last_checkpoint"] == str(tmp_path / "out" / CKPT)
     assert (record["best_step"], record["best_val"], record["steps"]) == (4, best_val, 8)
     assert record["metrics"] == seen[4][1]  # the last evaluation's
     model, _ = build_from_checkpoint(record["checkpoint"])
-    assert _weights_equal(model.state_dict(), best_weights)
+    assert weights_equal(model.state_dict(), best_weights)
     assert load_model(Path(record["checkpoint"]), prep, expect="vit")[0] == "vit"
 
 
@@ -246,15 +220,6 @@ def test_without_a_val_split_the_best_checkpoint_is_the_last(prep, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ resume
-def _failing_at(step_to_fail: int):
-    def failing_get_lr(step, cfg):  # step: optimiser steps applied so far
-        if step == step_to_fail:
-            raise RuntimeError("boom")
-        return get_lr(step, cfg)
-
-    return failing_get_lr
-
-
 def test_a_resumed_run_keeps_its_best_and_its_patience_count(prep, tmp_path, monkeypatch):
     """lr=0, patience 3, evaluations every 2 steps, checkpoints every 3: evaluations at 2 (the best), 4, 6, 8 (the
     3rd without improvement: stop). Failing at the top of step 7 leaves the checkpoint of step 6 with two evaluations
@@ -263,7 +228,7 @@ def test_a_resumed_run_keeps_its_best_and_its_patience_count(prep, tmp_path, mon
     whole = train("vit", prep, tmp_path / "whole", cfg, preset="tiny", experiment="resume-best")
     out = tmp_path / "failed"
     with monkeypatch.context() as mp:
-        mp.setattr(trainer, "get_lr", _failing_at(6))
+        mp.setattr(trainer, "get_lr", failing_at(6))
         with pytest.raises(RuntimeError, match="boom"):
             train("vit", prep, out, cfg, preset="tiny", experiment="resume-best")
     ckpt = load_checkpoint(out / CKPT)
@@ -272,7 +237,7 @@ def test_a_resumed_run_keeps_its_best_and_its_patience_count(prep, tmp_path, mon
     keys = ("steps", "planned_steps", "stopped_early", "best_step", "best_val", "metrics", "epochs")
     assert {k: resumed[k] for k in keys} == {k: whole[k] for k in keys}
     assert (resumed["steps"], resumed["stopped_early"], resumed["best_step"]) == (8, True, 2)
-    assert _weights_equal(load_checkpoint(out / BEST)["state_dict"],
+    assert weights_equal(load_checkpoint(out / BEST)["state_dict"],
                           load_checkpoint(tmp_path / "whole" / BEST)["state_dict"])
 
 
@@ -305,7 +270,7 @@ def test_a_kill_between_the_checkpoint_and_best_pt_is_repaired_on_resume(prep, t
         mp.setattr(trainer, "check_best", spy_check_best)
         record = train("vit", prep, out, cfg, preset="tiny", experiment="repair")
     (best,) = checked  # best.pt as the resume left it, before training on
-    assert best["step"] == 4 and _weights_equal(best["state_dict"], ckpt["state_dict"])
+    assert best["step"] == 4 and weights_equal(best["state_dict"], ckpt["state_dict"])
     assert sorted(best) == sorted(WEIGHTS) and best["val"] == ckpt["val"]
     assert record["steps"] == 8 and load_checkpoint(record["checkpoint"])["step"] == record["best_step"] >= 4
 
@@ -317,86 +282,3 @@ def test_a_kill_between_the_checkpoint_and_best_pt_is_repaired_on_resume(prep, t
 
 
 trainer_check_best = trainer.check_best
-
-
-# ------------------------------------------------------------------------------------------------ the time cap
-def _steps_take_a_second(monkeypatch) -> None:
-    """The time cap's clock (budget.now) moves one second with every optimiser step, and not otherwise."""
-    t = [0.0]
-    real = trainer.optimiser_step
-
-    def step(*args):
-        t[0] += 1.0
-        return real(*args)
-
-    monkeypatch.setattr(budget, "now", lambda: t[0])
-    monkeypatch.setattr(trainer, "optimiser_step", step)
-
-
-def test_the_clock_moves_the_end_to_the_steps_that_fit(monkeypatch):
-    """A cap of 100 s at 1 s a step: after 20 steps the end is step 100 (or the plan, if sooner); no decision before
-    20 steps of this attempt; time already spent (a resumed run's) counts; a run out of time gets one more step; the
-    pace leaves out the first 10 steps' warm-up."""
-    t = [0.0]
-    monkeypatch.setattr(budget, "now", lambda: t[0])
-    clock = budget.Clock(100.0)
-    t[0] = 10.0
-    assert clock.end(10, 500) is None  # 10 steps are too few to judge the pace
-    t[0] = 20.0
-    assert (clock.end(20, 500), clock.end(20, 60)) == (100, 60)
-    assert budget.Clock(None).end(20, 500) is None
-    resumed = budget.Clock(100.0, before=50.0, first_step=50)  # 50 s spent before, this attempt from step 50
-    t[0] += 20.0
-    assert resumed.end(70, 500) == 100  # 70 s spent, 1 s a step: 30 more
-    t[0] += 100.0
-    assert resumed.end(75, 500) == 76  # out of time: the next step ends the run
-    assert clock.announce("vit", 100, 500).startswith("[vit] time cap 1.67 min: the schedule now ends at step 100")
-    assert clock.announce("vit", 99, 500) is None  # moved by less than 2% of the plan since it was said
-    warm = budget.Clock(100.0, t0=0.0)  # the first 10 steps take 5 s each (warm-up), then 1 s: the pace is 1 s
-    t[0] = 50.0
-    assert warm.end(10, 500) is None
-    t[0] = 60.0
-    assert warm.end(20, 500) == 60  # 60 s spent, 40 left at 1 s a step (from the first 10 steps' pace: 33)
-
-
-def test_a_time_capped_run_ends_its_schedule_where_the_time_runs_out(prep, tmp_path, monkeypatch, capsys, mlflow_db):
-    """max_minutes=1 at 1 s a step: 200 planned steps become 60 (decided at step 20), the cosine ends at step 60,
-    the last step is evaluated and checkpointed, and the record, the tag and stdout say so. Killed at step 50 and
-    resumed, the run ends at the same step with the same weights."""
-    _steps_take_a_second(monkeypatch)
-    cfg = replace(TINY_TRAIN, max_steps=200, eval_every=100, ckpt_every=25, log_every=5, max_minutes=1.0)
-    whole = train("vit", prep, tmp_path / "whole", cfg, preset="tiny", experiment="time-cap")
-    assert "[vit] time cap 1 min: the schedule now ends at step 60 of the 200 planned" in capsys.readouterr().out
-    assert (whole["steps"], whole["planned_steps"], whole["time_capped"], whole["stopped_early"]) == (60, 200, True,
-                                                                                                      False)
-    ckpt = load_checkpoint(tmp_path / "whole" / CKPT)
-    assert (ckpt["step"], ckpt["end"], ckpt["clock_s"]) == (60, 60, 60.0)
-    lrs = sorted(_client(mlflow_db).get_metric_history(whole["run_id"], "train/lr"), key=lambda m: m.step)
-    assert lrs[-1].value == pytest.approx(get_lr(59, replace(cfg, max_steps=60)))  # the decay's end
-    assert _client(mlflow_db).get_run(whole["run_id"]).data.tags["tessera.time_capped"] == "true"
-    assert sorted(m.step for m in _client(mlflow_db).get_metric_history(whole["run_id"], "val/loss")) == [60]
-
-    out = tmp_path / "killed"
-    with monkeypatch.context() as mp:
-        mp.setattr(trainer, "get_lr", _failing_at(50))
-        with pytest.raises(RuntimeError, match="boom"):
-            train("vit", prep, out, cfg, preset="tiny", experiment="time-cap")
-    assert (load_checkpoint(out / CKPT)["step"], load_checkpoint(out / CKPT)["end"]) == (50, 60)
-    resumed = train("vit", prep, out, cfg, preset="tiny", experiment="time-cap")
-    assert (resumed["steps"], resumed["time_capped"]) == (60, True)
-    assert _weights_equal(load_checkpoint(out / CKPT)["state_dict"], ckpt["state_dict"])
-
-
-def test_a_run_that_fits_its_time_cap_is_the_uncapped_run(prep, tmp_path, monkeypatch):
-    """A cap the steps fit in (1 min for 40 steps of 1 s; judged from step 20 on) changes nothing: the same steps
-    and weights as no cap."""
-    _steps_take_a_second(monkeypatch)
-    cfg = replace(TINY_TRAIN, max_steps=40, eval_every=20, log_every=5)
-    capped = train("vit", prep, tmp_path / "capped", replace(cfg, max_minutes=1.0), preset="tiny",
-                   experiment="time-cap")
-    free = train("vit", prep, tmp_path / "free", cfg, preset="tiny", experiment="time-cap")
-    assert (capped["steps"], capped["time_capped"]) == (free["steps"], False) == (40, False)
-    assert _weights_equal(load_checkpoint(capped["checkpoint"])["state_dict"],
-                          load_checkpoint(free["checkpoint"])["state_dict"])
-    with pytest.raises(ValueError, match="max_minutes=0 must be > 0"):
-        TrainConfig(max_minutes=0)

@@ -402,9 +402,9 @@ def build_state(job: Job, env: Env, data: Data, ckpt: dict | None) -> State:
     step_model: nn.Module = torch.compile(net) if job.cfg.compile else net
     if env.world > 1:
         step_model = DDP(step_model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-    state = State(net, step_model, opt, Stream(data.train_urls, job.cfg, epoch, batch), step, val)
     cap = job.cfg.max_minutes * 60 if job.cfg.max_minutes else None
-    state.clock = Clock(cap, before=float((ckpt or {}).get("clock_s", 0.0)), first_step=step)
+    clock = Clock(cap, before=float((ckpt or {}).get("clock_s", 0.0)), first_step=step)
+    state = State(net, step_model, opt, Stream(data.train_urls, job.cfg, epoch, batch), step, val, clock=clock)
     if ckpt is not None:  # the best evaluation and the patience count (a checkpoint from before them has none)
         state.best, state.best_step = dict(ckpt.get("best_val") or {}), ckpt.get("best_step", 0)
         state.bad_evals, state.stopped = ckpt.get("bad_evals", 0), ckpt.get("stopped_early", False)

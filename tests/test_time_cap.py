@@ -1,0 +1,127 @@
+"""The time cap (tasks/train/budget.py Clock, TrainConfig.max_minutes) and a run's training minutes shared among its
+models (--train-minutes, table `minutes`). The step pace is set by a fake clock, never measured: no test here
+depends on this machine's speed.
+
+The runs are TINY_TRAIN runs on the learnable prep folder of tests/helpers.py (64 train and 16 val items a modality).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+from mlflow import MlflowClient
+
+import tasks.train.budget as budget
+import tasks.train.trainer as trainer
+from flows.params import PipelineParams, TrainParams
+from tasks.infra.checkpoint import CKPT
+from tasks.train.table import MODELS
+from tasks.train.trainer import TrainConfig, get_lr, load_checkpoint, train
+
+from tests.helpers import (TINY_TRAIN, _shared_mlflow, failing_at, mlflow_db, prep,  # noqa: F401 (fixtures)
+                           weights_equal)
+
+
+def _steps_take_a_second(monkeypatch) -> None:
+    """The time cap's clock (budget.now) moves one second with every optimiser step, and not otherwise."""
+    t = [0.0]
+    real = trainer.optimiser_step
+
+    def step(*args):
+        t[0] += 1.0
+        return real(*args)
+
+    monkeypatch.setattr(budget, "now", lambda: t[0])
+    monkeypatch.setattr(trainer, "optimiser_step", step)
+
+
+def test_the_clock_moves_the_end_to_the_steps_that_fit(monkeypatch):
+    """A cap of 100 s at 1 s a step: after 20 steps the end is step 100 (or the plan, if sooner); no decision before
+    20 steps of this attempt; time already spent (a resumed run's) counts; a run out of time gets one more step; the
+    pace leaves out the first 10 steps' warm-up."""
+    t = [0.0]
+    monkeypatch.setattr(budget, "now", lambda: t[0])
+    clock = budget.Clock(100.0)
+    t[0] = 10.0
+    assert clock.end(10, 500) is None  # 10 steps are too few to judge the pace
+    t[0] = 20.0
+    assert (clock.end(20, 500), clock.end(20, 60)) == (100, 60)
+    assert budget.Clock(None).end(20, 500) is None
+    resumed = budget.Clock(100.0, before=50.0, first_step=50)  # 50 s spent before, this attempt from step 50
+    t[0] += 20.0
+    assert resumed.end(70, 500) == 100  # 70 s spent, 1 s a step: 30 more
+    t[0] += 100.0
+    assert resumed.end(75, 500) == 76  # out of time: the next step ends the run
+    assert clock.announce("vit", 100, 500).startswith("[vit] time cap 1.67 min: the schedule now ends at step 100")
+    assert clock.announce("vit", 99, 500) is None  # moved by less than 2% of the plan since it was said
+    warm = budget.Clock(100.0, t0=0.0)  # the first 10 steps take 5 s each (warm-up), then 1 s: the pace is 1 s
+    t[0] = 50.0
+    assert warm.end(10, 500) is None
+    t[0] = 60.0
+    assert warm.end(20, 500) == 60  # 60 s spent, 40 left at 1 s a step (from the first 10 steps' pace: 33)
+
+
+def test_a_time_capped_run_ends_its_schedule_where_the_time_runs_out(prep, tmp_path, monkeypatch, capsys, mlflow_db):
+    """max_minutes=1 at 1 s a step: 200 planned steps become 60 (decided at step 20), the cosine ends at step 60,
+    the last step is evaluated and checkpointed, and the record, the tag and stdout say so. Killed at step 50 and
+    resumed, the run ends at the same step with the same weights."""
+    _steps_take_a_second(monkeypatch)
+    cfg = replace(TINY_TRAIN, max_steps=200, eval_every=100, ckpt_every=25, log_every=5, max_minutes=1.0)
+    whole = train("vit", prep, tmp_path / "whole", cfg, preset="tiny", experiment="time-cap")
+    assert "[vit] time cap 1 min: the schedule now ends at step 60 of the 200 planned" in capsys.readouterr().out
+    assert (whole["steps"], whole["planned_steps"], whole["time_capped"], whole["stopped_early"]) == (60, 200, True,
+                                                                                                      False)
+    ckpt = load_checkpoint(tmp_path / "whole" / CKPT)
+    assert (ckpt["step"], ckpt["end"], ckpt["clock_s"]) == (60, 60, 60.0)
+    c = MlflowClient(tracking_uri=mlflow_db)
+    lrs = sorted(c.get_metric_history(whole["run_id"], "train/lr"), key=lambda m: m.step)
+    assert lrs[-1].value == pytest.approx(get_lr(59, replace(cfg, max_steps=60)))  # the decay's end
+    assert c.get_run(whole["run_id"]).data.tags["tessera.time_capped"] == "true"
+    assert sorted(m.step for m in c.get_metric_history(whole["run_id"], "val/loss")) == [60]
+
+    out = tmp_path / "killed"
+    with monkeypatch.context() as mp:
+        mp.setattr(trainer, "get_lr", failing_at(50))
+        with pytest.raises(RuntimeError, match="boom"):
+            train("vit", prep, out, cfg, preset="tiny", experiment="time-cap")
+    assert (load_checkpoint(out / CKPT)["step"], load_checkpoint(out / CKPT)["end"]) == (50, 60)
+    resumed = train("vit", prep, out, cfg, preset="tiny", experiment="time-cap")
+    assert (resumed["steps"], resumed["time_capped"]) == (60, True)
+    assert weights_equal(load_checkpoint(out / CKPT)["state_dict"], ckpt["state_dict"])
+
+
+def test_a_run_that_fits_its_time_cap_is_the_uncapped_run(prep, tmp_path, monkeypatch):
+    """A cap the steps fit in (1 min for 40 steps of 1 s; judged from step 20 on) changes nothing: the same steps
+    and weights as no cap."""
+    _steps_take_a_second(monkeypatch)
+    cfg = replace(TINY_TRAIN, max_steps=40, eval_every=20, log_every=5)
+    capped = train("vit", prep, tmp_path / "capped", replace(cfg, max_minutes=1.0), preset="tiny",
+                   experiment="time-cap")
+    free = train("vit", prep, tmp_path / "free", cfg, preset="tiny", experiment="time-cap")
+    assert (capped["steps"], capped["time_capped"]) == (free["steps"], False) == (40, False)
+    assert weights_equal(load_checkpoint(capped["checkpoint"])["state_dict"],
+                          load_checkpoint(free["checkpoint"])["state_dict"])
+    with pytest.raises(ValueError, match="max_minutes=0 must be > 0"):
+        TrainConfig(max_minutes=0)
+
+
+def test_a_run_shares_its_training_minutes_by_each_models_time_in_the_default_run():
+    """--train-minutes: each model's time cap is its share by table `minutes` among the run's models (all of them:
+    the shares add up to the budget); without it, MODEL_MINUTES each; a model's own max_minutes wins."""
+    from flows.pipeline import train_config
+    from tasks.train.table import MODEL_MINUTES
+
+    models = list(MODELS)
+    run = PipelineParams(train=TrainParams(train_minutes=17))
+    caps = {m: train_config(m, run, models).max_minutes for m in models}
+    assert sum(caps.values()) == pytest.approx(17)
+    total = sum(MODELS[m].minutes for m in models)
+    assert caps["t2i"] == pytest.approx(17 * MODELS["t2i"].minutes / total) and caps["t2i"] > caps["vit"]
+    pair = train_config("vit", run, ["vit", "ast"]).max_minutes  # two models share the whole budget
+    assert pair == pytest.approx(17 * MODELS["vit"].minutes / (MODELS["vit"].minutes + MODELS["ast"].minutes))
+    assert train_config("vit", PipelineParams(), models).max_minutes == MODEL_MINUTES
+    own = PipelineParams(train=TrainParams(train_minutes=17, train_overrides={"vit": {"max_minutes": 3}}))
+    assert train_config("vit", own, models).max_minutes == 3
+    with pytest.raises(ValueError):
+        TrainParams(train_minutes=0)
