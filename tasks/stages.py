@@ -52,7 +52,8 @@ from tasks.eval import roundtrip as roundtrip_lib
 from tasks.infra import storage, tracking
 from tasks.infra.cache import content, path_digest
 from tasks.infra.common import atomic_dir, code_version, digest, output_lock, plain, read_success
-from tasks.train import augment, batches, table
+import tasks.train
+from tasks.train import batches, table
 from tasks.train import trainer as train_lib
 
 
@@ -99,7 +100,7 @@ INGEST = Stage("ingest", "ingest", (ingest_lib,))
 SHARD = Stage("shard", "shards", (shard_lib,))
 PREPROCESS = Stage("preprocess", "prep", (prep_lib, features))
 CODEBOOKS = Stage("codebooks", "codebooks", (codebook_lib, models.vq))
-TRAIN = Stage("train", "train", (train_lib, table, batches, augment, loader, tracking, models))
+TRAIN = Stage("train", "train", (tasks.train, loader, tracking, models))  # every module of tasks/train
 EVALUATE = Stage("evaluate", "eval", (eval_lib, generate, audio_out, loader, table, batches, vocab, models))
 ROUNDTRIPS = Stage("roundtrips", "roundtrips", (roundtrip_lib, eval_lib, generate, audio_out, loader, table, batches,
                                                 vocab, synthetic, models))

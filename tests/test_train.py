@@ -25,6 +25,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+import tasks.train.checkpoint as train_checkpoint
 import tasks.train.trainer as trainer
 from tasks.data.loader import batches
 from tasks.data.shards import CorruptShardError, shard_urls
@@ -215,7 +216,7 @@ def test_every_metric_of_step_k_is_logged_at_step_k(prep, tmp_path, monkeypatch)
         saved.append((Path(path).name, ckpt["step"]))
         save_checkpoint(path, ckpt)
 
-    monkeypatch.setattr(trainer, "save_checkpoint", spy_save)
+    monkeypatch.setattr(train_checkpoint, "save_checkpoint", spy_save)  # where save_state and save_best call it
     record = train("vit", prep, tmp_path / "out", cfg, preset="tiny", experiment="steps")
     metrics = _history(record["run_id"])
     for key in ("train/loss", "train/lr", "train/grad_norm"):
@@ -405,6 +406,7 @@ def test_sigterm_ends_the_run_killed(prep, tmp_path):
 DDP_CHILD = """
 import json, os, sys
 import torch, torch.distributed as dist
+import tasks.train.checkpoint as C
 import tasks.train.trainer as T
 from tasks.data import loader
 from tasks.infra import tracking
@@ -413,7 +415,7 @@ args = json.loads(sys.argv[1])
 rank = int(os.environ["RANK"])
 report = {"rank": rank, "shards": [], "checkpoints": 0, "mlflow_runs": 0}
 nets, stop_at = [], [args["stop_at"]]
-make_optimizer, batches, save_checkpoint, start_run, get_lr = (T.make_optimizer, loader.batches, T.save_checkpoint,
+make_optimizer, batches, save_checkpoint, start_run, get_lr = (T.make_optimizer, loader.batches, C.save_checkpoint,
                                                                tracking.start_run, T.get_lr)
 
 class Stop(Exception):
@@ -442,7 +444,7 @@ def stopping_get_lr(step, cfg):  # both ranks stop at the top of the same step, 
         raise Stop(step)
     return get_lr(step, cfg)
 
-T.make_optimizer, loader.batches, T.save_checkpoint, tracking.start_run, T.get_lr = (
+T.make_optimizer, loader.batches, C.save_checkpoint, tracking.start_run, T.get_lr = (
     spy_optimizer, spy_batches, spy_save, spy_start_run, stopping_get_lr)
 run = lambda: T.train("ast", args["prep"], args["out"], T.TrainConfig(**args["cfg"]), preset="tiny",
                       experiment="ddp")

@@ -11,6 +11,8 @@ no_sync but the last); clip; step -> then log (buffered, sent every log_every st
 eval_every steps (a better val metric, table `monitor`: best.pt; `patience` evaluations without one: stop early),
 checkpoint every ckpt_every steps, at a new best, at a stop and at the end -> report (the checkpoints as artifacts,
 the record; registration comes after evaluation: tasks/eval/registry.py).
+This module: setup, data, budget, model, the loop, evaluation; the config and run state: tasks/train/state.py;
+resume and checkpoints: tasks/train/checkpoint.py; MLflow runs and progress lines: tasks/train/report.py.
 
 Metric steps: every metric of optimiser step k (1-based: k steps have been applied) is logged at step k: train/loss,
 train/lr and train/grad_norm of the k-th step; perf/* and data/epoch measured up to step k; val/* computed after
@@ -39,15 +41,13 @@ evaluates (all of the val split), logs and writes checkpoints.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import posixpath
 import signal
 import tarfile
 import threading
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -58,193 +58,23 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from tasks.data import loader, shards
 from tasks.infra import storage
-from tasks.infra import tracking
-from tasks.infra.checkpoint import (  # noqa: F401 - CheckpointError, load_checkpoint: re-exported for trainer users
-    BEST,
-    CKPT,
-    STATE,
-    WEIGHTS,
-    CheckpointError,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from tasks.infra.common import read_success, tree_digest, write_json
-from tasks.infra.hardware import compute_dtype, cpu_threads, distributed, peak_flops, pick_device, sync
-from tasks.train.augment import DEFAULTS as augment_defaults, settings as augment_settings
+# CKPT, CheckpointError, load_checkpoint, save_checkpoint: re-exported for trainer users (save_checkpoint is called
+# in tasks/train/checkpoint.py: patch it there)
+from tasks.infra.checkpoint import CKPT, CheckpointError, load_checkpoint, save_checkpoint  # noqa: F401
+from tasks.infra.common import read_success, write_json
+from tasks.infra.hardware import compute_dtype, cpu_threads, distributed, pick_device
 from tasks.train.batches import BatchContext, DataInfo
-from tasks.train.budget import Budget, Clock, plan_budget
-from tasks.train.table import ITEMS, MODEL_MINUTES, MODELS, ModelSpec, configure, spec
+from tasks.train.budget import Clock, plan_budget
+from tasks.train.checkpoint import check_best, restore_rng, resume_point, save_best, save_state
+from tasks.train.report import LOSS_KEY, Throughput, progress, report_end, report_start, start_meter, tracked_run
+from tasks.train.state import Data, Env, Job, State, TrainConfig, default_train_config  # noqa: F401 - re-exported
+from tasks.train.table import ITEMS, MODELS, configure, spec
 
-LOSS_KEY = "train/loss"
 BETAS = (0.9, 0.95)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    max_steps: int = 600  # optimiser steps; with `epochs`, the cap on them
-    epochs: float | None = None  # the budget in passes over the train split (see plan_budget); None: max_steps steps
-    min_steps: int = 100  # with `epochs`: the floor on the steps (the cap wins when it is lower)
-    patience: int | None = 5  # stop after this many evaluations without a better val metric; None or 0: never
-    # wall-clock cap on the training, minutes: the schedule's end moves to the steps that fit (budget.Clock); None: none
-    max_minutes: float | None = None
-    batch_size: int = 64  # samples per micro-batch (per rank)
-    grad_accum: int = 1  # micro-batches per step
-    lr: float = 1e-3  # peak learning rate, after linear warmup
-    min_lr: float = 1e-4  # end of the cosine decay
-    warmup_steps: int = 50
-    weight_decay: float = 0.05  # on >= 2-D parameters (matrices, embeddings) only
-    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
-    eval_every: int = 100
-    ckpt_every: int = 100
-    log_every: int = 10  # steps between metric flushes to MLflow
-    seed: int = 0
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    precision: str = "auto"  # "auto" (bf16 where faster, see hardware.compute_dtype) | "bf16" (autocast) | "fp32"
-    compile: bool = False
-    num_workers: int = 0  # DataLoader workers (capped at the number of shards)
-    shuffle_buffer: int = 1000
-    cpu_threads: int = 1  # torch threads on CPU while training; 0: torch's default (see hardware.cpu_threads)
-    # the model's train-time augmentation (table `augment`; none for generative models): True its defaults
-    # (tasks/train/augment/: VIT_AUG, AST_AUG, ASR_AUG), a dict those settings changed, False none
-    augment: bool | dict = True
-
-    def __post_init__(self):
-        for name in ("max_steps", "min_steps", "batch_size", "grad_accum", "eval_every", "ckpt_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)} must be >= 1")
-        if self.epochs is not None and not self.epochs > 0:
-            raise ValueError(f"TrainConfig.epochs={self.epochs} must be > 0 (None: a fixed max_steps)")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"TrainConfig.max_minutes={self.max_minutes} must be > 0 (None: no time cap)")
-        if self.patience is not None and self.patience < 0:
-            raise ValueError(f"TrainConfig.patience={self.patience} must be >= 0 (0 or None: no early stopping)")
-        if not 0 <= self.min_lr <= self.lr:
-            raise ValueError(f"TrainConfig needs 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"TrainConfig.device={self.device!r}: use 'auto', 'cpu' or 'cuda'")
-        if self.cpu_threads < 0:
-            raise ValueError(f"TrainConfig.cpu_threads={self.cpu_threads} must be >= 0 (0: torch's default)")
-        if not isinstance(self.augment, (bool, dict)):
-            raise ValueError(f"TrainConfig.augment={self.augment!r}: use true, false or a dict of settings")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"TrainConfig.precision={self.precision!r}: use 'auto', 'bf16' or 'fp32'")
-
-
-def default_train_config(model: str, **overrides) -> TrainConfig:
-    """TrainConfig with the model's suggested fields (table `train`: an epochs budget and a max_steps cap; the time
-    cap MODEL_MINUTES), then `overrides`. max_steps among the overrides without epochs is a step count: it wins over
-    the table's epochs."""
-    fields = {"max_minutes": MODEL_MINUTES, **spec(model).train, **overrides}
-    if "max_steps" in overrides and "epochs" not in overrides:
-        fields["epochs"] = None
-    cfg = TrainConfig(**fields)
-    if isinstance(cfg.augment, dict):  # checked here, before any work: the settings must be the model's
-        if spec(model).augment is None:
-            raise ValueError(f"{model} has no train-time augmentation to set (augment={cfg.augment}); leave it out")
-        augment_settings(augment_defaults[spec(model).augment], cfg.augment)
-    return cfg
 
 
 class Terminated(KeyboardInterrupt):
     """Raised by the SIGTERM handler: an interrupt, so the MLflow run ends KILLED, not FAILED."""
-
-
-# ---------------------------------------------------------------------------------------------------- run state
-@dataclass(frozen=True)
-class Job:
-    """One train() call: what to train on which data, where, and how it is reported."""
-
-    model: str
-    prep_dir: Any  # a local Path or an fsspec URL (storage.location)
-    out_dir: Path
-    cfg: TrainConfig
-    model_overrides: dict | None = None
-    codebooks: dict[str, str] | None = None
-    parent_run_id: str | None = None
-    experiment: str = "tessera"
-    preset: str = "default"
-    tags: dict[str, str] | None = None
-    init_from: str | Path | None = None
-    budget: Budget | None = None  # set once the data is known (plan_budget); cfg.max_steps is then its steps
-
-    @property
-    def model_spec(self) -> ModelSpec:
-        return spec(self.model)
-
-    @property
-    def ckpt_path(self) -> Path:
-        return self.out_dir / CKPT
-
-    @property
-    def best_path(self) -> Path:
-        return self.out_dir / BEST
-
-
-@dataclass(frozen=True)
-class Env:
-    """Where this process computes: its device and precision, its place among the DDP ranks."""
-
-    device: torch.device
-    local_rank: int
-    rank: int
-    world: int
-    dtype: torch.dtype
-    autocast: torch.autocast  # bf16 autocast when dtype is bf16, a no-op otherwise; re-entered every step
-
-    @property
-    def master(self) -> bool:
-        """Rank 0: the one process that evaluates, logs and writes checkpoints."""
-        return self.rank == 0
-
-
-@dataclass
-class Data:
-    """The prepared data this run reads and the model config that follows from it."""
-
-    info: DataInfo
-    model_cfg: Any
-    ctx: BatchContext
-    train_urls: list[str]
-    val_urls: list[str]  # empty: no val split, train without evaluation
-
-
-@dataclass
-class State:
-    """What the loop advances and a checkpoint keeps."""
-
-    net: nn.Module  # the model's own parameters (what checkpoints and evaluation use)
-    step_model: nn.Module  # net, compiled and/or DDP-wrapped: what the training forward runs through
-    opt: torch.optim.Optimizer
-    stream: Stream
-    step: int = 0  # optimiser steps applied
-    val: dict[str, float] = field(default_factory=dict)  # the latest evaluation
-    best: dict[str, float] = field(default_factory=dict)  # the best evaluation so far (table `monitor`); {}: none
-    best_step: int = 0  # the step of the best evaluation (0: none yet)
-    bad_evals: int = 0  # evaluations since the best one (early stopping: TrainConfig.patience)
-    stopped: bool = False  # stopped early: bad_evals reached patience
-    clock: Clock = field(default_factory=lambda: Clock(None))  # training time against TrainConfig.max_minutes
-
-
-@dataclass
-class Throughput:
-    """Samples/s, tokens/s and MFU over the steps since the last restart (eval and checkpoint time left out)."""
-
-    flops: float  # per training sample
-    tokens: int  # sequence positions per sample
-    peak: float  # FLOP/s of all ranks together; 0 where not measured (ranks other than 0)
-    t0: float = field(default_factory=time.perf_counter)
-    window: int = 0  # optimiser steps since t0
-
-    def restart(self) -> None:
-        self.t0, self.window = time.perf_counter(), 0
-
-
-class _NoRun:
-    """Stands in for the MLflow run on DDP ranks other than 0 (they log nothing)."""
-
-    run_id, resumed = None, True
 
 
 # ---------------------------------------------------------------------------------------------------- setup
@@ -379,14 +209,6 @@ def init_part(net: nn.Module, model: str, path: Path) -> int:
     return len(part)
 
 
-def model_flops(net: nn.Module, job: Job, model_cfg: Any) -> tuple[float, str]:
-    """(training FLOPs per sample, where the figure comes from): the model's own count, else 6 x params x tokens."""
-    if hasattr(net, "flops_per_sample"):
-        return net.flops_per_sample(train=True), "model"
-    n_params = sum(p.numel() for p in net.parameters())
-    return 6 * n_params * job.model_spec.tokens(model_cfg), "6*n_params*tokens (estimate)"
-
-
 def build_state(job: Job, env: Env, data: Data, ckpt: dict | None) -> State:
     """The model (seeded), its optimiser, the data stream; from the checkpoint when resuming, else from init_from."""
     torch.manual_seed(job.cfg.seed)
@@ -409,47 +231,6 @@ def build_state(job: Job, env: Env, data: Data, ckpt: dict | None) -> State:
         state.best, state.best_step = dict(ckpt.get("best_val") or {}), ckpt.get("best_step", 0)
         state.bad_evals, state.stopped = ckpt.get("bad_evals", 0), ckpt.get("stopped_early", False)
     return state
-
-
-# ---------------------------------------------------------------------------------------------------- resume
-def _read_state(out_dir: Path) -> dict:
-    path = out_dir / STATE
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def resume_point(job: Job, data: Data) -> tuple[dict | None, str | None]:
-    """(the checkpoint to continue from or None, the MLflow run id to continue or None), from out_dir."""
-    job.out_dir.mkdir(parents=True, exist_ok=True)
-    state = _read_state(job.out_dir)
-    path = job.ckpt_path
-    ckpt = load_checkpoint(path) if state.get("checkpoint_step") or path.exists() else None
-    if ckpt is not None and (ckpt["model"] != job.model or ckpt["config"] != asdict(data.model_cfg)):
-        raise CheckpointError(f"{path} holds a {ckpt['model']} with config {ckpt['config']}, not this "
-                              f"{job.model} {asdict(data.model_cfg)}; use another out_dir or delete {job.out_dir}")
-    return ckpt, state.get("run_id")
-
-
-def check_best(job: Job, ckpt: dict) -> None:
-    """best.pt holds the step the checkpoint names as best; a run killed between writing the checkpoint of its best
-    step and best.pt (save_state, then save_best) gets best.pt written from that checkpoint. Rank 0 only."""
-    best_step = ckpt.get("best_step", 0)
-    if not best_step:
-        return
-    have = load_checkpoint(job.best_path)["step"] if job.best_path.exists() else None
-    if have == best_step:
-        return
-    if best_step != ckpt["step"]:
-        raise CheckpointError(f"{job.best_path} holds step {have}, but {job.ckpt_path} says the best evaluation was "
-                              f"at step {best_step}; delete {job.out_dir} to train from scratch")
-    save_checkpoint(job.best_path, {k: v for k, v in ckpt.items() if k in WEIGHTS})
-
-
-def restore_rng(env: Env, ckpt: dict, seed: int) -> None:
-    """The RNG states of the checkpoint: called last, nothing after it may draw from the RNGs before the next step.
-    Ranks other than 0 take a seed of their own (rank 0's states are the ones a checkpoint holds)."""
-    set_rng_state(ckpt["rng"])
-    if env.rank:
-        torch.manual_seed(seed + env.rank + ckpt["step"])
 
 
 # ---------------------------------------------------------------------------------------------------- the loop
@@ -576,109 +357,6 @@ def evaluate(model: nn.Module, urls: list[str], ctx: BatchContext, name: str, cf
     if s.accuracy is not None and count:
         out["val/accuracy"] = (correct / count).item()
     return out
-
-
-# ---------------------------------------------------------------------------------------------------- checkpoint
-def _weights(job: Job, data: Data, state: State, run_id: str | None) -> dict:
-    """What rebuilds and evaluates the model (build_from_checkpoint): best.pt holds these keys, ckpt.pt more."""
-    return {"model": job.model, "config": asdict(data.model_cfg), "state_dict": state.net.state_dict(),
-            "step": state.step, "run_id": run_id, "train_config": asdict(job.cfg), "val": state.val,
-            "codebooks": {k: str(v) for k, v in (job.codebooks or {}).items()}, "prep_dir": str(job.prep_dir)}
-
-
-def save_state(job: Job, data: Data, state: State, run_id: str | None) -> None:
-    """ckpt.pt (atomically; keys: tasks/infra/checkpoint.py), then train.json naming its step."""
-    save_checkpoint(job.ckpt_path, {
-        **_weights(job, data, state, run_id), "optimizer": state.opt.state_dict(), "epoch": state.stream.epoch,
-        "batch": state.stream.batch, "rng": rng_state(), "best_val": state.best, "best_step": state.best_step,
-        "bad_evals": state.bad_evals, "stopped_early": state.stopped, "clock_s": state.clock.spent,
-        "end": job.cfg.max_steps,
-    })
-    write_json(job.out_dir / STATE, {"run_id": run_id, "checkpoint_step": state.step})
-
-
-def save_best(job: Job, data: Data, state: State, run_id: str | None) -> None:
-    """best.pt (atomically): the weights of the best evaluation, written after ckpt.pt of the same step (check_best
-    repairs a kill between the two); not resumed from, so no optimiser or RNG states."""
-    save_checkpoint(job.best_path, _weights(job, data, state, run_id))
-
-
-# ---------------------------------------------------------------------------------------------------- report
-def tracked_run(job: Job, env: Env, run_id: str | None):
-    """The MLflow run (a new one, or `run_id` continued) on rank 0; a stand-in that logs nothing elsewhere."""
-    if not env.master:
-        return contextlib.nullcontext(_NoRun())
-    return tracking.start_run(job.experiment, f"train-{job.model}", job.parent_run_id, run_id, job.tags,
-                              spool_dir=job.out_dir)  # metrics MLflow has not taken at a checkpoint wait there
-
-
-def report_start(job: Job, env: Env, data: Data, state: State, run) -> None:
-    """A new run: its id into train.json, params, tags, the dataset. A continued one: skip the steps it has."""
-    if not env.master:
-        return
-    if run.resumed:
-        run.metrics.skip_through = run.last_step(LOSS_KEY)  # steps an earlier attempt had already sent
-        return
-    write_json(job.out_dir / STATE, {"run_id": run.run_id, "checkpoint_step": 0})
-    flops, source = model_flops(state.net, job, data.model_cfg)
-    n_params = sum(p.numel() for p in state.net.parameters())
-    run.log_params({"model": job.model, "preset": job.preset, "n_params": n_params, "world_size": env.world,
-                    "device": str(env.device), "dtype": str(env.dtype).removeprefix("torch."),
-                    "flops_per_sample": flops, "flops_source": source, "train": asdict(job.cfg),
-                    "config": asdict(data.model_cfg), "budget": asdict(job.budget) if job.budget else {}})
-    run.set_tags({"tessera.model": job.model, "tessera.out_dir": str(job.out_dir)})
-    prep = read_success(job.prep_dir) or {}
-    run.log_dataset(f"prep/{job.model_spec.modality}", prep.get("digest") or tree_digest(job.prep_dir)[:32],
-                    str(job.prep_dir))
-
-
-def start_meter(job: Job, env: Env, data: Data, state: State) -> Throughput:
-    """The throughput meter; the device's peak FLOP/s is measured (once per process) on rank 0 only."""
-    flops, _ = model_flops(state.net, job, data.model_cfg)
-    peak = peak_flops(env.device, env.dtype) * env.world if env.master else 0.0
-    return Throughput(flops, job.model_spec.tokens(data.model_cfg), peak)
-
-
-def progress(job: Job, env: Env, state: State, meter: Throughput, train: dict) -> dict[str, float]:
-    """perf/* over the steps since the meter's restart (all ranks' samples), data/epoch; one line on stdout."""
-    cfg = job.cfg
-    sync(env.device)
-    sps = meter.window * cfg.batch_size * cfg.grad_accum * env.world / (time.perf_counter() - meter.t0)
-    mfu = sps * meter.flops / meter.peak if meter.peak else 0.0
-    print(f"[{job.model}] step {state.step}/{cfg.max_steps} loss {train[LOSS_KEY].item():.4f} "
-          f"lr {train['train/lr']:.2e} {sps:.0f} samples/s mfu {mfu:.1%}", flush=True)
-    return {"perf/samples_per_s": sps, "perf/tokens_per_s": sps * meter.tokens, "perf/mfu": mfu,
-            "data/epoch": state.stream.epoch}
-
-
-def run_record(job: Job, state: State, run_id: str | None) -> dict:
-    """The record train() returns: "checkpoint" is the best evaluation's (best.pt; ckpt.pt with no val split), what
-    evaluation and the models that start from this one read; "last_checkpoint" is what a resume reads."""
-    best = state.best_step and job.best_path.exists()
-    budget = job.budget or plan_budget(job.cfg, 0)
-    return {"checkpoint": str(job.best_path if best else job.ckpt_path), "last_checkpoint": str(job.ckpt_path),
-            "run_id": run_id, "model": job.model, "out_dir": str(job.out_dir), "steps": state.step,
-            "planned_steps": budget.steps, "epochs": round(budget.epochs_of(state.step), 3),
-            "planned_epochs": round(budget.epochs_of(budget.steps), 3), "n_train": budget.n_train,
-            "stopped_early": state.stopped, "best_step": state.best_step if best else state.step,
-            "time_capped": state.step < budget.steps and not state.stopped,
-            "train_seconds": round(state.clock.spent, 1),
-            "best_val": {k: float(v) for k, v in (state.best if best else state.val).items()},
-            "final_val_loss": state.val.get("val/loss"), "metrics": {k: float(v) for k, v in state.val.items()}}
-
-
-def report_end(job: Job, env: Env, data: Data, state: State, run) -> dict:
-    """The record (run_record); on rank 0 the checkpoints as the run's artifacts, and whether and where it stopped
-    early as tags. Registration comes after evaluation (tasks/eval/registry.py)."""
-    record = run_record(job, state, run.run_id)
-    if env.master:
-        run.catch_up()  # MLflow may have been away: wait (bounded, saying so) until it has every metric
-        run.client.log_artifact(run.run_id, str(job.ckpt_path), artifact_path="checkpoint")
-        if record["checkpoint"] != record["last_checkpoint"]:
-            run.client.log_artifact(run.run_id, record["checkpoint"], artifact_path="checkpoint")
-        run.set_tags({"tessera.stopped_early": str(state.stopped).lower(), "tessera.best_step": record["best_step"],
-                      "tessera.time_capped": str(record["time_capped"]).lower()})
-    return record
 
 
 # ---------------------------------------------------------------------------------------------------- train
