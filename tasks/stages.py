@@ -49,7 +49,7 @@ from tasks.eval import audio_out, generate
 from tasks.eval import evaluate as eval_lib
 from tasks.eval import registry
 from tasks.eval import roundtrip as roundtrip_lib
-from tasks.infra import storage, tracking
+from tasks.infra import metric_buffer, storage, tracking, tracking_store
 from tasks.infra.cache import content, path_digest
 from tasks.infra.common import atomic_dir, code_version, digest, output_lock, plain, read_success
 import tasks.train
@@ -100,7 +100,8 @@ INGEST = Stage("ingest", "ingest", (ingest_lib,))
 SHARD = Stage("shard", "shards", (shard_lib,))
 PREPROCESS = Stage("preprocess", "prep", (prep_lib, features))
 CODEBOOKS = Stage("codebooks", "codebooks", (codebook_lib, models.vq))
-TRAIN = Stage("train", "train", (tasks.train, loader, tracking, models))  # every module of tasks/train
+# tasks.train: every module of tasks/train; tracking with the two modules it uses (its store, its metric buffer)
+TRAIN = Stage("train", "train", (tasks.train, loader, tracking, tracking_store, metric_buffer, models))
 EVALUATE = Stage("evaluate", "eval", (eval_lib, generate, audio_out, loader, table, batches, vocab, models))
 ROUNDTRIPS = Stage("roundtrips", "roundtrips", (roundtrip_lib, eval_lib, generate, audio_out, loader, table, batches,
                                                 vocab, synthetic, models))

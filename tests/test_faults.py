@@ -32,7 +32,7 @@ import yaml
 from mlflow import MlflowClient
 
 from flows import deploy as deploy_lib
-from tasks.infra import procs, tracking
+from tasks.infra import metric_buffer, procs, tracking
 from tests.helpers import TINY_TRAIN, make_prep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,7 +303,7 @@ class FlakyClient:
 
 
 def test_metrics_are_kept_while_mlflow_is_away_spooled_at_a_checkpoint_and_sent_once(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(tracking, "RETRY_MAX_S", 0.2)
+    monkeypatch.setattr(metric_buffer, "RETRY_MAX_S", 0.2)  # read by MetricBuffer's sender, in its module
     real = tracking.client()
     run_id = real.create_run(tracking.experiment_id(real, "buffer")).info.run_id
     flaky = FlakyClient(real)
@@ -336,7 +336,7 @@ def test_metrics_are_kept_while_mlflow_is_away_spooled_at_a_checkpoint_and_sent_
 
 
 def test_a_run_end_waits_for_mlflow_then_says_where_the_metrics_are(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(tracking, "RETRY_MAX_S", 0.2)
+    monkeypatch.setattr(metric_buffer, "RETRY_MAX_S", 0.2)  # read by MetricBuffer's sender, in its module
     real = tracking.client()
     run_id = real.create_run(tracking.experiment_id(real, "catchup")).info.run_id
     flaky = FlakyClient(real)
