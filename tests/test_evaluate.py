@@ -290,7 +290,18 @@ def test_roundtrip_imagegpt(world):
     assert m["confident_share"] == m["coherent_confident_share"] == m["shapes_covered"] == 0.0
     circles = sum(r["meta"]["shape"] == "circle" for r in rows) / len(rows)
     assert m["n_completions"] == 5 and m["completion_shape_recovered"] == m["prompt_only_shape_recovered"] == circles
+    assert m["completion_ceiling"] == circles and 0 <= m["n_visible"] <= 5
     assert {"samples.png", "completions.png"} <= set(res["artifacts"])
+
+
+def test_shown_share_counts_the_things_pixels_in_the_given_rows():
+    """shown_share: the share of the foreground (pixels off the top-left one by more than the tolerance) in the first
+    rows; a faint shade under the tolerance is background; an image without foreground shows 0."""
+    img = torch.full((3, 3, 8, 8), 128.0)
+    img[0, :, 2:6, 2:4] = 255.0  # rows 2..5: half of it in rows 0..3
+    img[1, :, 6:8, :] = 0.0  # all of it below
+    img[2, :, 0:2, :] += roundtrip.BACKGROUND_TOLERANCE  # a shade, not a thing
+    assert roundtrip.shown_share(img, 4).tolist() == [0.5, 0.0, 0.0]
 
 
 def test_roundtrip_t2i_default_prompts_are_every_pair():

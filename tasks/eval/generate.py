@@ -146,13 +146,20 @@ def imagegpt_pixels(model, ctx: BatchContext, tokens: torch.Tensor) -> torch.Ten
     return tokens_to_image(ctx.data.codebook("pixels").codebook, tokens, 1, side, side)
 
 
+def imagegpt_tokens(model, ctx: BatchContext, pixels: torch.Tensor) -> torch.Tensor:
+    """Pixels (N, 3, S, S) 0..255 -> ImageGPT's codes (N, side^2): downsampled (area) to the model's side, each pixel
+    its nearest palette colour."""
+    side = math.isqrt(model.cfg.seq_len)
+    small = torch.nn.functional.interpolate(pixels, size=(side, side), mode="area")  # (N, 3, side, side)
+    return image_to_tokens(ctx.data.codebook("pixels").codebook, small, patch=1)
+
+
 @torch.no_grad()
 def complete_images(model, ctx: BatchContext, pixels: torch.Tensor, rows: int, how: Sampling = IMAGEGPT_SAMPLING,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """ImageGPT completions: pixels (N, 3, S, S) 0..255, downsampled to the model's side; its first `rows` rows
     given, the rest sampled -> palette pixels (N, 3, side, side)."""
     side = math.isqrt(model.cfg.seq_len)
-    small = torch.nn.functional.interpolate(pixels, size=(side, side), mode="area")  # (N, 3, side, side)
-    prompt = image_to_tokens(ctx.data.codebook("pixels").codebook, small, patch=1)[:, : rows * side]  # (N, rows*side)
+    prompt = imagegpt_tokens(model, ctx, pixels)[:, : rows * side]  # (N, rows * side)
     tokens = model.generate(len(pixels), how.temperature, how.top_k, prompt=prompt, generator=generator)
     return imagegpt_pixels(model, ctx, tokens)
