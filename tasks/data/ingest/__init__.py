@@ -35,6 +35,7 @@ changes none.
 
     inputs.py   what may be read: regular files inside the allowed roots, folder search, shard locations; Ledger
     sources.py  IngestConfig, Sources (and its cache key), IngestError; the plan of folders and tables; digest_sources
+    tables.py   caption/transcript tables as read: format, columns, rows, the files their cells name
     tars.py     users' tar shards
     decode.py   decode_image, decode_audio: one input each
     here        the decoding thread pool, the items and quarantine tables, `ingest`

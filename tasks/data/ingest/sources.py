@@ -1,6 +1,7 @@
 """What users bring, as configuration and as a plan: which inputs exist, under which keys, with which label, text,
-split and meta. Folders and caption/transcript tables here; users' tar shards in tars.py; what may be read at all
-(regular files inside the allowed roots) in inputs.py.
+split and meta. Folders and the plan of caption/transcript tables here; reading those tables (format, columns, the
+files their cells name) in tables.py; users' tar shards in tars.py; what may be read at all (regular files inside
+the allowed roots) in inputs.py.
 
 Table paths are relative to the table's own folder unless absolute. A row whose file is also in the folder of the
 same modality joins that item (resolved paths compared); any other row is an item of its own. Keys are
@@ -22,14 +23,9 @@ import json
 import math
 import os
 import re
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
-
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 
 from tasks.data.ingest.decode import one_line
 from tasks.data.ingest.inputs import (
@@ -37,10 +33,7 @@ from tasks.data.ingest.inputs import (
     IngestError,
     Ledger,
     Refused,
-    check_file,
     expand_shards,
-    inside,
-    is_url,
     quarantine_entry,
     roots_of,
     scan_folder,
@@ -48,6 +41,7 @@ from tasks.data.ingest.inputs import (
     shard_stamp,
     stamp,
 )
+from tasks.data.ingest.tables import _row_file, _table_files, check_columns, read_table  # noqa: F401 (re-export)
 
 __all__ = ["AUDIO_EXTS", "IMAGE_EXTS", "KEY_HEX", "KINDS", "SPLITS", "STAGE", "IngestConfig", "IngestError", "Job",
            "Kind", "Ledger", "Sources", "check_sources", "digest_sources", "jsonable", "make_key", "parse_split",
@@ -261,52 +255,6 @@ def check_sources(sources: Sources) -> None:
     expand_shards(sources.shards)
 
 
-def _option(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
-
-
-def _arrow_table(path: Path, what: str, as_text: tuple[str, ...], bad_rows: list[str] | None) -> pa.Table:
-    """A CSV or Parquet table (CSV: `as_text` columns read as strings; malformed rows into `bad_rows`, or all string
-    columns and malformed rows skipped when it is None); IngestError for an unreadable or unsupported file."""
-    suffix = path.suffix.lower()
-
-    def bad_row(row) -> str:
-        if bad_rows is not None:
-            bad_rows.append(f"expected {row.expected_columns} columns, got {row.actual_columns}: {row.text[:80]!r}")
-        return "skip"
-
-    try:
-        if suffix == ".csv":
-            convert = pacsv.ConvertOptions(column_types={c: pa.string() for c in as_text})
-            return pacsv.read_csv(path, parse_options=pacsv.ParseOptions(invalid_row_handler=bad_row),
-                                  convert_options=convert)
-        if suffix in (".parquet", ".pq"):
-            return pq.read_table(path)
-    except (pa.ArrowException, OSError) as err:
-        msg = f"cannot read {what} table {path}: {one_line(err)}; check that it is a valid {suffix[1:]} file"
-        raise IngestError(msg) from None
-    fmt = suffix or "(none)"
-    raise IngestError(f"{what} table {path} has unsupported format {fmt!r}; use a .csv or .parquet file")
-
-
-def check_columns(path: Path, columns: list[str], kind: Kind, cfg: IngestConfig) -> None:
-    """IngestError unless a table has its path column and its text column (caption/transcript); a table of labels or
-    splits only (a `label` or `split` column) needs no text column. `tessera data` checks the header with this
-    before any stage runs, ingest the table it reads."""
-    path_col, text_col = getattr(cfg, kind.path_col), getattr(cfg, kind.text_col)
-    need = [(path_col, kind.path_col)]
-    if not {cfg.label_col, "split"} & set(columns):
-        need.append((text_col, kind.text_col))
-    missing = [(c, f) for c, f in need if c not in columns]
-    if missing:
-        names = " and ".join(f"{c!r}" for c, _ in missing)
-        opts = " / ".join(f"{_option(f)} NAME" for _, f in missing)
-        also = f", or give it a {cfg.label_col!r} or 'split' column" if kind.text_col in dict(missing).values() else ""
-        noun = "column" if len(missing) == 1 else "columns"
-        raise IngestError(f"{kind.table} table {path} has no {names} {noun} (columns: {', '.join(columns) or 'none'}); "
-                          f"name the right column with {opts}{also}")
-
-
 def check_table(path: Path, kind: Kind, cfg: IngestConfig) -> None:
     """Before any stage runs: the table reads, has its columns (`check_columns`) and every split value is valid;
     IngestError (one line naming the row and the fix) otherwise."""
@@ -340,50 +288,6 @@ def group_values(sources: Sources, cfg: IngestConfig, field_name: str) -> set[st
                 elif field_name == cfg.label_col and rel:
                     values.add(rel[0])
     return values
-
-
-def read_table(path: Path, kind: Kind, cfg: IngestConfig, bad_rows: list[str] | None = None) -> list[dict]:
-    """A caption/transcript table's rows; IngestError for an unsupported format or missing columns. Malformed CSV
-    rows (a wrong number of fields) are left out and described in `bad_rows`."""
-    path_col, text_col = getattr(cfg, kind.path_col), getattr(cfg, kind.text_col)
-    table = _arrow_table(path, kind.table, (path_col, text_col, cfg.label_col, "split"), bad_rows)
-    check_columns(path, table.column_names, kind, cfg)
-    return table.to_pylist()
-
-
-def _table_files(table: Path, roots: tuple[Path, ...]) -> Iterator[tuple[str, Path]]:
-    """(cell, resolved path) of every string cell of a table that names a regular file inside the roots: the files
-    a table may point at, whichever column names them. Stats only; an unreadable table yields nothing."""
-    if not table.is_file():  # stat: a FIFO or device named as a table is never opened
-        return
-    try:
-        t = _arrow_table(table, "cache-key", (), None)
-    except IngestError:
-        return
-    cells: set[str] = set()
-    for col in t.columns:
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            cells.update(v for v in col.unique().to_pylist() if v and len(v) < 4096 and "\n" not in v)
-    for cell in sorted(cells):
-        p = Path(os.path.expanduser(cell.strip()))
-        file = p if p.is_absolute() else table.parent / p
-        try:
-            if is_url(cell) or not stat.S_ISREG(os.stat(file).st_mode):
-                continue
-        except (OSError, ValueError):
-            continue
-        if inside(real := Path(os.path.realpath(file)), roots):
-            yield cell, real
-
-
-def _row_file(value: str, table_dir: Path, roots: tuple[Path, ...], where: str) -> Path:
-    """The checked, resolved file a table cell names, else Refused (URLs, and see inputs.check_file)."""
-    if is_url(value):
-        raise Refused(f"URL in a table: {where} names {value}; URLs are read only as --shards given on the command "
-                      "line or in the config, never from a table")
-    p = Path(os.path.expanduser(value))
-    file = p if p.is_absolute() else table_dir / p
-    return check_file(file, roots, f"{where} points at {file}")
 
 
 def _plan_table(
