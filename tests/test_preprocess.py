@@ -43,6 +43,17 @@ def test_mel_of_a_tone_peaks_at_its_frequency():
     assert low < high
 
 
+def test_a_dc_offset_leaves_the_log_mel_as_it_was():
+    """A constant added to a clip (a microphone's DC offset) would fill the lowest bands of every frame; each clip's
+    mean is removed first, so the log-mel is the clean clip's, for a list of clips and for a batched tensor alike."""
+    tone = decode_audio(wav_bytes(440, 0.4))[0]  # (N,)
+    clean = log_mel([tone], SMALL_MEL)
+    shifted = log_mel([tone + 0.2 * np.abs(tone).max()], SMALL_MEL)
+    torch.testing.assert_close(shifted, clean, rtol=1e-3, atol=1e-3)
+    tensor = log_mel(torch.from_numpy(tone + 0.2 * np.abs(tone).max())[None], SMALL_MEL)
+    torch.testing.assert_close(tensor, clean, rtol=1e-3, atol=1e-3)
+
+
 def test_image_array_and_patches():
     img = image_array(png_bytes((10, 20, 30), size=(40, 20)), 16)
     assert img.shape == (3, 16, 16) and img.dtype == np.uint8

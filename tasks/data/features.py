@@ -2,7 +2,9 @@
 
 Log-mel defaults follow the AST recipe: 16 kHz audio, 128 mel bins, 25 ms windows, 10 ms hop. A clip shorter than
 the window (`n_frames`) is zero-padded to it before the log, so a batch of them is one tensor and one torchaudio call;
-a longer clip keeps its own length (`clip_log_mels`, up to a cap), padded with zeros to whole frames.
+a longer clip keeps its own length (`clip_log_mels`, up to a cap), padded with zeros to whole frames. Each clip's DC
+offset (its mean) is removed first, as Kaldi's fbank does (`remove_dc_offset`): a microphone's offset is a constant
+the spectrogram would show as energy in the lowest bands of every frame, silence included.
 """
 
 from __future__ import annotations
@@ -86,21 +88,29 @@ def pad_or_trim(wave: np.ndarray, length: int) -> np.ndarray:
     return np.pad(wave, (0, length - len(wave)))
 
 
+def without_dc(wave: np.ndarray) -> np.ndarray:
+    """A (N,) waveform -> float32, its mean subtracted (the DC offset; fsdd4's nicolas records at 0.16 of his RMS)."""
+    x = np.asarray(wave, np.float32)
+    return x - x.mean() if len(x) else x
+
+
 @torch.no_grad()
 def log_mel(waves: list[np.ndarray] | torch.Tensor, cfg: MelConfig = MelConfig(), n_frames: int | None = None
             ) -> torch.Tensor:
     """Batched log-mel spectrogram.
 
-    waves: B mono float waveforms at cfg.sample_rate (any lengths; zero-padded/cropped to the samples of n_frames).
+    waves: B mono float waveforms at cfg.sample_rate (any lengths; each without its mean, then zero-padded/cropped to
+    the samples of n_frames).
     n_frames: the frames to return (default cfg.n_frames).
     returns: float32 tensor, shape = (B, n_mels, n_frames), natural log of power.
     """
     n_samples = cfg.n_samples if n_frames is None else (n_frames - 1) * cfg.hop_length
     if isinstance(waves, torch.Tensor):
         batch = waves.float()
+        batch = batch - batch.mean(-1, keepdim=True)
         batch = torch.nn.functional.pad(batch, (0, max(0, n_samples - batch.shape[-1])))[..., :n_samples]
     else:
-        batch = torch.from_numpy(np.stack([pad_or_trim(np.asarray(w, np.float32), n_samples) for w in waves]))
+        batch = torch.from_numpy(np.stack([pad_or_trim(without_dc(w), n_samples) for w in waves]))
     mel = mel_transform(cfg)(batch)  # (B, n_mels, n_frames)
     return torch.log(mel.clamp_min(LOG_FLOOR))
 
