@@ -204,13 +204,25 @@ def cmd_run(args) -> int:
 
 
 def write_latest(root: Path, result: dict) -> None:
-    """root/latest.json: where the last pipeline run left its index and checkpoints (what `tessera search` reads)."""
+    """root/latest.json: where the last pipeline run left its index and checkpoints (what `tessera search` reads).
+
+    A run on the same prepared data as the one before adds to it: `tessera train tts` after `make run` replaces the
+    text-to-speech checkpoint and keeps the others and the CLIP index. A run on other data starts it afresh."""
+    import json
+
     from tasks.infra.common import write_json
 
-    write_json(root / "latest.json", {
-        "index": (result.get("index") or {}).get("path"),
-        "checkpoints": {m: r["checkpoint"] for m, r in result["train"].items()},
-        "prep": result["data"]["prep"]["path"],
+    prep = result["data"]["prep"]["path"]
+    path = root / "latest.json"
+    try:
+        before = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):  # unreadable: written afresh below
+        before = {}
+    kept = before if isinstance(before, dict) and before.get("prep") == prep else {}
+    write_json(path, {
+        "index": (result.get("index") or {}).get("path") or kept.get("index"),
+        "checkpoints": {**(kept.get("checkpoints") or {}), **{m: r["checkpoint"] for m, r in result["train"].items()}},
+        "prep": prep,
     })
 
 

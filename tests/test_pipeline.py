@@ -147,3 +147,21 @@ def test_search_cli(first_run, capsys):
     assert out.count("img-") >= 3
     assert cli_main(["search", "x", "--root", str(root / "nowhere")]) == 2
     assert "tessera run" in capsys.readouterr().err
+
+
+def test_latest_keeps_the_other_models_when_one_retrains_on_the_same_data(tmp_path):
+    """`tessera train tts` after `make run`: latest.json takes the new tts checkpoint and keeps the rest and the CLIP
+    index (what `tessera search` reads); a run on other data starts it afresh."""
+    from flows.cli import write_latest
+
+    def result(prep, index, **ckpts):
+        return {"data": {"prep": {"path": prep}}, "index": {"path": index} if index else None,
+                "train": {m: {"checkpoint": c} for m, c in ckpts.items()}}
+
+    write_latest(tmp_path, result("p1", "i1", vit="v1", tts="t1"))
+    write_latest(tmp_path, result("p1", None, tts="t2"))
+    latest = json.loads((tmp_path / "latest.json").read_text())
+    assert latest == {"index": "i1", "checkpoints": {"vit": "v1", "tts": "t2"}, "prep": "p1"}
+    write_latest(tmp_path, result("p2", None, ast="a1"))
+    assert json.loads((tmp_path / "latest.json").read_text()) == {"index": None, "checkpoints": {"ast": "a1"},
+                                                                  "prep": "p2"}
