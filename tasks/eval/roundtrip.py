@@ -252,8 +252,7 @@ def roundtrip_imagegpt(imagegpt_ckpt: Path, classifier_ckpt: Path, prep_dir: Pat
                                                                            got["purity"])]
         image_grid(drawn[:4 * GRID_SAMPLES], titles, tmp / "samples.png", ncols=GRID_SAMPLES)
         n = min(GRID_SAMPLES, len(test))
-        down = torch.nn.functional.interpolate(real[:n], size=given.shape[-2:], mode="area")
-        image_grid(torch.cat([down, given[:n], done[:n]]), [f"test: {t}" for t in truth[:n]] + ["given"] * n
+        image_grid(torch.cat([small[:n], given[:n], done[:n]]), [f"test: {t}" for t in truth[:n]] + ["given"] * n
                    + [f"vit: {s}" for s in named["completion_shape_recovered"][:n]], tmp / "completions.png", ncols=n)
         summary = finish(tmp, record, "round trip: ImageGPT -> ViT", metrics,
                          [f"Shapes the ViT names (p >= {CONFIDENT}) in the one-coloured-thing samples: "
