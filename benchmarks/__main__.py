@@ -164,13 +164,16 @@ def main(argv: list[str] | None = None) -> int:
                     "run only the real-data comparison (AST, speech recogniser, logistic regression per held-out "
                     "speaker; benchmarks/real_data.py)")
     ap.add_argument("--held-out", nargs="+", metavar="NAME", help="with --real-data: hold out only these speakers")
+    ap.add_argument("--normalise-by", metavar="FIELD", help="with --real-data: pass `tessera run --normalise-by "
+                    "FIELD` (speaker: each speaker's mean log-mel moved to the train split's; the baseline reads the "
+                    "same features)")
     args = ap.parse_args(argv)
-    if args.held_out and not args.real_data:
-        ap.error("--held-out needs --real-data REC")
+    if (args.held_out or args.normalise_by) and not args.real_data:
+        ap.error("--held-out and --normalise-by need --real-data REC")
     if args.real_data:
         from benchmarks import real_data
 
-        real_data.run(args.real_data, args.out, args.held_out)
+        real_data.run(args.real_data, args.out, args.held_out, args.normalise_by)
         return 0
     names = args.only or list(BENCHMARKS)
     args.out.mkdir(parents=True, exist_ok=True)

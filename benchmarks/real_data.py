@@ -145,20 +145,22 @@ def transcripts_scores(checkpoint: Path, prep: Path) -> dict[str, float]:
 TAKES = "takes"  # the held-out name for held-out takes of every speaker (the default split)
 
 
-def command(table: Path, folder: Path, speaker: str, rate: int, root: Path) -> list[str]:
+def command(table: Path, folder: Path, speaker: str, rate: int, root: Path, normalise_by: str | None = None
+            ) -> list[str]:
     split = [] if speaker == TAKES else ["--split-by", "speaker", "--test-groups", speaker]
-    return ["tessera", "run", "--transcripts", str(table), "--allow-roots", str(folder), *split,
+    norm = ["--normalise-by", normalise_by] if normalise_by else []
+    return ["tessera", "run", "--transcripts", str(table), "--allow-roots", str(folder), *split, *norm,
             "--sample-rate", str(rate), "--models", *audio_models(), "--root", str(root),
             "--dataset-name", f"real-{speaker}"]
 
 
-def held_out(folder: Path, speaker: str, out: Path) -> dict:
+def held_out(folder: Path, speaker: str, out: Path, normalise_by: str | None = None) -> dict:
     """`tessera run` with `speaker` (or TAKES) held out (in its own root under out, MLflow store there too) -> one
     row."""
     rows = scan(folder)
     root = out / f"held-out-{speaker}"
     table = write_table(rows, root / "transcripts.csv")
-    cmd = command(table, folder.resolve(), speaker, sample_rate(rows), root)
+    cmd = command(table, folder.resolve(), speaker, sample_rate(rows), root, normalise_by)
     cmd[0] = str(Path(sys.executable).with_name("tessera"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root.resolve()}/mlflow.db"}
     t0 = time.perf_counter()
@@ -172,7 +174,8 @@ def held_out(folder: Path, speaker: str, out: Path) -> dict:
     return {"held_out": speaker, "n_train_val": len(rows) - n_test, "n_test": n_test,
             "ast_accuracy": metrics["accuracy"], "asr_cer": speech["cer"], "asr_word_accuracy": speech["word_accuracy"],
             "lr_accuracy": baseline_accuracy(prep), "wall_s": round(wall, 1),
-            "command": " ".join(command(Path("TABLE.csv"), Path("DIR"), speaker, sample_rate(rows), Path("ROOT")))}
+            "command": " ".join(command(Path("TABLE.csv"), Path("DIR"), speaker, sample_rate(rows), Path("ROOT"),
+                                        normalise_by))}
 
 
 def markdown(rows: list[dict], folder: Path) -> str:
@@ -192,7 +195,7 @@ def markdown(rows: list[dict], folder: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(folder: Path, out: Path, speakers: list[str] | None = None) -> list[dict]:
+def run(folder: Path, out: Path, speakers: list[str] | None = None, normalise_by: str | None = None) -> list[dict]:
     """Hold out each speaker (or those named), then takes, each run in a new temporary folder (kept, on stderr);
     write out/real_data.md and .json; print the table."""
     found = sorted({r["speaker"] for r in scan(folder)}) + [TAKES]
@@ -205,7 +208,7 @@ def run(folder: Path, out: Path, speakers: list[str] | None = None) -> list[dict
     rows = []
     for speaker in speakers or found:
         print(f"== real data: {speaker} held out", file=sys.stderr, flush=True)  # TAKES: takes of every speaker
-        rows.append(held_out(folder, speaker, work))
+        rows.append(held_out(folder, speaker, work, normalise_by))
         md = markdown(rows, folder)
         (out / "real_data.md").write_text(md)
         (out / "real_data.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -56,6 +56,9 @@ def check_data(p: DataParams) -> None:
             check_table(table, kind, ingest_cfg)
     if p.split_by and (found := group_values(sources, ingest_cfg, p.split_by)) is not None:
         check_groups(p, found)
+    if p.normalise_by and group_values(sources, ingest_cfg, p.normalise_by) == set():
+        raise IngestError(f"--normalise-by {p.normalise_by}: no item has a {p.normalise_by!r} value; name a table "
+                          "column or a --name-pattern field")
 
 
 def check_groups(p: DataParams, found: set[str]) -> None:
@@ -102,7 +105,8 @@ def _configs(p: DataParams):
     shard = ShardConfig(maxcount=p.shard_maxcount, val_fraction=p.val_fraction, test_fraction=p.test_fraction,
                         split_by=p.split_by, test_groups=tuple(p.test_groups), val_groups=tuple(p.val_groups))
     mel = MelConfig(sample_rate=p.sample_rate, n_mels=p.n_mels, n_frames=p.n_frames)  # None: from the data
-    prep = PrepConfig(image_size=p.image_size, mel=mel, maxcount=p.shard_maxcount, clip_seconds=p.clip_seconds)
+    prep = PrepConfig(image_size=p.image_size, mel=mel, maxcount=p.shard_maxcount, clip_seconds=p.clip_seconds,
+                      normalise_by=p.normalise_by)
     return ingest, shard, prep
 
 

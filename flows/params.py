@@ -77,6 +77,11 @@ class DataParams(Params):
     test_groups: list[str] = Field(default_factory=list, description="groups of --split-by for the test split, e.g. "
                                    "--test-groups theo (or theo,lucas); the other groups train")
     val_groups: list[str] = Field(default_factory=list, description="groups of --split-by for the val split")
+    normalise_by: str | None = Field(None, description="a metadata field, e.g. speaker: each group's mean log-mel per "
+                                     "mel band, over all its clips (a held-out speaker's too: their audio, never their "
+                                     "labels), is moved to the train split's (speaker-level cepstral mean "
+                                     "normalisation, as Kaldi's utt2spk CMVN); for speakers or microphones the model "
+                                     "never heard")
 
     @property
     def builtin(self) -> bool:
@@ -117,6 +122,14 @@ class DataParams(Params):
         if v is not None and n_frames is not None:
             raise ValueError(f"--n-frames {n_frames} and --clip-seconds {v:g} both set the clip window; "
                              "pass one of them")
+        return v
+
+    @field_validator("normalise_by")
+    @classmethod
+    def _not_the_label(cls, v: str | None) -> str | None:
+        if v == "label":
+            raise ValueError("--normalise-by label would tell the test clips' labels through their means; name a "
+                             "field such as speaker")
         return v
 
     @model_validator(mode="after")
@@ -168,6 +181,11 @@ class TrainParams(Params):
     train_minutes: float | None = Field(None, gt=0, description="minutes for all the models' training together, "
                                         "shared by each one's time in the default run (table `minutes`); a model "
                                         "that would not fit its share trains fewer steps (default: 15 a model)")
+    run_minutes: float | None = Field(None, gt=0, description="minutes for the whole run on this machine: the models "
+                                      "train in what is left after the other work (data, evaluation, round trips) "
+                                      "would take here, judged by a probe of this machine's training speed (run once "
+                                      "per output root, kept in ROOT/machine.json) and shared as --train-minutes; "
+                                      "make run passes 19.5")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (a GPU if there is one), cpu or cuda")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto (bf16 where the device computes "
                                                        "it faster), bf16 or fp32")

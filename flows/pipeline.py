@@ -25,16 +25,34 @@ from tasks.data.shards import test_sets
 from tasks.eval.registry import Registration
 from tasks.index import IndexConfig
 from tasks.train.batches import CODEBOOKS
+from tasks.train.budget import machine_slowdown, run_training_minutes
 from tasks.train.table import plan, spec, with_role
 from tasks.train.trainer import default_train_config
 
 
-def train_config(model: str, p: PipelineParams, models: list[str] | None = None):
-    """The model's TrainConfig: the table's, the run's flags, then its train_overrides. With --train-minutes, its
-    time cap is its share of them among `models` (the run's), by each one's minutes in the default run."""
+def training_minutes(p: PipelineParams, root: Path) -> float | None:
+    """The minutes the run's models train in together: --train-minutes, or what --run-minutes leaves for training on
+    this machine (tasks/train/budget.py `run_training_minutes`, its slowdown probed once per root), the smaller of the
+    two when both are given; None: neither (each model its own cap)."""
     t = p.train
-    share = t.train_minutes * spec(model).minutes / sum(spec(m).minutes for m in models or [model]) \
-        if t.train_minutes else None
+    if t.run_minutes is None:
+        return t.train_minutes
+    slowdown, probed = machine_slowdown(root, t.device, t.precision)
+    minutes = run_training_minutes(t.run_minutes, slowdown)
+    print(f"run minutes {t.run_minutes:g}: training here takes {slowdown:.2f}x the reference machine's time "
+          f"({'probed now' if probed else 'probed before'}, {root / 'machine.json'}), so the models train within "
+          f"{minutes:.2f} minutes" + (f" (--train-minutes {t.train_minutes:g})" if t.train_minutes and
+                                      t.train_minutes < minutes else ""))
+    return min(minutes, t.train_minutes or minutes)
+
+
+def train_config(model: str, p: PipelineParams, models: list[str] | None = None, minutes: float | None = None):
+    """The model's TrainConfig: the table's, the run's flags, then its train_overrides. With training minutes (given,
+    else --train-minutes), its time cap is its share of them among `models` (the run's), by each one's minutes in the
+    default run."""
+    t = p.train
+    minutes = minutes or t.train_minutes
+    share = minutes * spec(model).minutes / sum(spec(m).minutes for m in models or [model]) if minutes else None
     fields = {k: v for k, v in dict(max_steps=t.steps, epochs=None if t.steps else t.epochs, patience=t.patience,
                                     batch_size=t.batch_size, device=t.device, precision=t.precision,
                                     compile=t.compile, max_minutes=share).items()
@@ -110,7 +128,7 @@ def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None,
 
 
 def _train_and_evaluate(params: PipelineParams, models: list[str], prep: Path, counts: dict, cb: dict, root: Path,
-                        run: dict) -> tuple[dict, dict]:
+                        run: dict, minutes: float | None = None) -> tuple[dict, dict]:
     """Train each model (a model that starts from another after it: table `init`), then evaluate it on each test set
     of its modality (`counts`: stats.json's items per modality and split): evals[model] is the first set's record
     (`test`), with the others' under "others"."""
@@ -120,7 +138,7 @@ def _train_and_evaluate(params: PipelineParams, models: list[str], prep: Path, c
         source = spec(m).init[0] if spec(m).init and params.train.init_from_trained else None
         init = Path(trained[source]["checkpoint"]) if source in trained else None
         trained[m] = stages.train_model.with_options(task_run_name=f"train-{m}")(
-            m, prep, needs, train_config(m, params, models), root, params.train.preset,
+            m, prep, needs, train_config(m, params, models, minutes), root, params.train.preset,
             params.train.model_overrides.get(m), init_from=init, **run)
         sets = [stages.evaluate_model.with_options(task_run_name=f"eval-{m}" + (f"-{s}" if s != "test" else ""))(
             m, Path(trained[m]["checkpoint"]), prep, needs, root, params.eval.max_samples,
@@ -163,7 +181,8 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
         parent.client.log_dict(parent.run_id, data_summary(data), "data/summary.json")
         run = dict(parent_run_id=parent.run_id, experiment=params.experiment)
         cb = stages.fit_codebooks(prep, codebook_config(params, models), root, **run)
-        trained, evals = _train_and_evaluate(params, models, prep, stats["counts"], cb, root, run)
+        trained, evals = _train_and_evaluate(params, models, prep, stats["counts"], cb, root, run,
+                                             training_minutes(params, root))
         trips, index = _across(params, trained, prep, cb, root, run)
         registered = _register(params, data, trained, evals, prep, cb)  # only once every stage has succeeded
         summary = _summary(trained, evals, trips, index, registered)

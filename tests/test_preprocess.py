@@ -115,3 +115,58 @@ def test_preprocess_is_deterministic(prepared, tmp_path):
 def test_bad_prep_config():
     with pytest.raises(ValueError, match="image_patch"):
         PrepConfig(image_size=30, image_patch=4)
+
+
+def _speaker_rows(n: int = 24) -> list[dict]:
+    """n clips of the same tones said by speaker "a" and, three times louder, by "b" (another microphone)."""
+    rows = []
+    for r in item_rows(0, n):
+        i = int(r["key"].split("-")[1])
+        louder = i >= n // 2
+        payload = wav_bytes(200 + 20 * (i % (n // 2)), 0.3)
+        if louder:
+            wave, sr = decode_audio(payload)
+            buf = __import__("io").BytesIO()
+            __import__("soundfile").write(buf, 3 * wave, sr, format="WAV", subtype="PCM_16")
+            payload = buf.getvalue()
+        rows.append({**r, "payload": payload, "meta": json.dumps({"speaker": "b" if louder else "a"})})
+    return rows
+
+
+def _band_means_by(out, field: str) -> dict[str, np.ndarray]:
+    """Each group's mean stored log-mel per band over its clips' own frames (0.3 s: the first 31 of 48)."""
+    import io
+
+    got: dict[str, list] = {}
+    for split in ("train", "val", "test"):
+        for s in read_samples(shard_urls(out, "audio", split, allow_empty=True)):
+            mel = np.load(io.BytesIO(s["mel.npy"])).astype(np.float64)[:, :31]
+            got.setdefault(json.loads(s["json"])["meta"][field], []).append(mel)
+    return {g: np.concatenate(m, 1).mean(1) for g, m in got.items()}
+
+
+def test_normalise_by_a_field_moves_each_groups_mean_spectrum_to_the_trains(tmp_path):
+    write_items(tmp_path / "items.parquet", _speaker_rows())
+    write_shards(tmp_path / "items.parquet", ShardConfig(maxcount=16, split_by="speaker", test_groups=("b",),
+                                                         val_fraction=0.0), tmp_path / "shards")
+    base = PrepConfig(image_size=16, mel=SMALL_MEL, batch_size=8, mel_patch=16, n_pixels=50, n_patches=20)
+    before = preprocess(tmp_path / "shards", base, tmp_path / "plain")
+    plain = _band_means_by(tmp_path / "plain", "speaker")
+    record = preprocess(tmp_path / "shards", PrepConfig(**{**vars(base), "normalise_by": "speaker"}), tmp_path / "cmn")
+    shifted = _band_means_by(tmp_path / "cmn", "speaker")
+    std = json.loads((tmp_path / "cmn" / "stats.json").read_text())["audio"]["std"]
+    # 3x the amplitude is 9x the power: ln 9 = 2.2 nats more in every band of b, the held-out speaker
+    assert np.median(plain["b"] - plain["a"]) * std == pytest.approx(np.log(9), abs=0.1)
+    assert np.abs(shifted["b"] - shifted["a"]).max() < 0.02  # float16 storage
+    groups = json.loads((tmp_path / "cmn" / "stats.json").read_text())["audio"]["normalised_by"]
+    assert groups["field"] == "speaker" and groups["groups"]["b"]["level"] == pytest.approx(np.log(9), abs=0.1)
+    assert record["digest"] != before["digest"]
+
+
+def test_normalise_by_a_field_a_clip_lacks_names_the_clip(tmp_path):
+    write_items(tmp_path / "items.parquet", item_rows(0, 6))
+    write_shards(tmp_path / "items.parquet", ShardConfig(maxcount=16), tmp_path / "shards")
+    cfg = PrepConfig(image_size=16, mel=SMALL_MEL, batch_size=8, mel_patch=16, normalise_by="speaker")
+    with pytest.raises(ValueError, match=r"clip aud-\d+ has no 'speaker' value to normalise by"):
+        preprocess(tmp_path / "shards", cfg, tmp_path / "prep")
+    assert not (tmp_path / "prep").exists()

@@ -125,3 +125,54 @@ def test_a_run_shares_its_training_minutes_by_each_models_time_in_the_default_ru
     assert train_config("vit", own, models).max_minutes == 3
     with pytest.raises(ValueError):
         TrainParams(train_minutes=0)
+
+
+def test_a_runs_minutes_leave_training_what_the_other_work_does_not_take_on_this_machine():
+    """--run-minutes: training gets the run's minutes less OTHER_MINUTES of other work times this machine's slowdown
+    (a machine half as fast reserves twice as much), never less than SHORTEST_TRAINING."""
+    other = budget.OTHER_MINUTES
+    assert budget.run_training_minutes(20, 1.0) == pytest.approx(20 - other)
+    assert budget.run_training_minutes(20, 2.0) == pytest.approx(20 - 2 * other)
+    assert budget.run_training_minutes(20, 0.5) > budget.run_training_minutes(20, 1.0)  # a faster machine
+    assert budget.run_training_minutes(2, 5.0) == budget.SHORTEST_TRAINING
+
+
+def test_the_machines_slowdown_is_probed_once_per_root_and_machine(tmp_path, monkeypatch):
+    """machine_slowdown: the probe against REFERENCE_PROBE_S, rounded to 0.05, kept in ROOT/machine.json; a second
+    run on the root reads it (the same minutes, so the same cache keys) even when a probe now would say otherwise;
+    another device or precision is probed on its own."""
+    probes = iter([2.02 * budget.REFERENCE_PROBE_S, 0.5 * budget.REFERENCE_PROBE_S, 1.0 * budget.REFERENCE_PROBE_S])
+    monkeypatch.setattr(budget, "probe_seconds", lambda device, precision: next(probes))
+    assert budget.machine_slowdown(tmp_path) == (pytest.approx(2.0), True)
+    assert budget.machine_slowdown(tmp_path) == (pytest.approx(2.0), False)
+    assert budget.machine_slowdown(tmp_path, precision="fp32") == (pytest.approx(0.5), True)
+    assert budget.machine_slowdown(tmp_path / "other-root") == (pytest.approx(1.0), True)
+    assert len(__import__("json").loads((tmp_path / "machine.json").read_text())) == 2
+
+
+def test_a_run_shares_what_its_minutes_leave_for_training(tmp_path, monkeypatch):
+    """The pipeline's training minutes under --run-minutes on a machine probed at 2x: the shares add up to
+    run_training_minutes; with --train-minutes as well the smaller wins; without either, none."""
+    from flows.pipeline import train_config, training_minutes
+
+    monkeypatch.setattr(budget, "probe_seconds", lambda device, precision: 2 * budget.REFERENCE_PROBE_S)
+    models = list(MODELS)
+    run = PipelineParams(train=TrainParams(run_minutes=20))
+    minutes = training_minutes(run, tmp_path)
+    assert minutes == pytest.approx(20 - 2 * budget.OTHER_MINUTES)
+    assert sum(train_config(m, run, models, minutes).max_minutes for m in models) == pytest.approx(minutes)
+    assert training_minutes(PipelineParams(train=TrainParams(run_minutes=20, train_minutes=8)), tmp_path) == 8
+    assert training_minutes(PipelineParams(train=TrainParams(train_minutes=8)), tmp_path) == 8
+    assert training_minutes(PipelineParams(), tmp_path) is None
+    with pytest.raises(ValueError):
+        TrainParams(run_minutes=0)
+
+
+def test_the_probe_times_training_steps_and_leaves_the_random_state(monkeypatch):
+    import torch
+
+    torch.manual_seed(1)
+    first = torch.rand(3)
+    torch.manual_seed(1)
+    seconds = budget.probe_seconds(precision="fp32")
+    assert seconds > 0 and torch.equal(torch.rand(3), first)

@@ -55,6 +55,9 @@ class PrepConfig:
     seed: int = 0
     clip_seconds: float | None = None  # the window in seconds (mel.n_frames must then be None); both None: the data's
     max_windows: int = 4  # a clip is stored up to this many windows long; longer ones are cut (counted in changes)
+    # a metadata field (e.g. "speaker"): each group's mean log-mel per band over all its clips is moved to the train
+    # split's (speaker-level cepstral mean normalisation, as Kaldi's apply-cmvn with utt2spk); None: no shift
+    normalise_by: str | None = None
 
     def __post_init__(self):
         if self.image_size % self.image_patch:
@@ -195,8 +198,9 @@ def _mel_batches(urls: list[str], cfg: PrepConfig, desc: str, total: int | None)
     batch: list[dict] = []
     waves: list[np.ndarray] = []
 
-    def flush():
-        return batch, clip_log_mels(waves, cfg.mel, cfg.max_frames)
+    def flush():  # the batch's samples, log-mels and frames of each inside its clip (the rest is padding)
+        inside = [min(cfg.mel.frames_for(len(w)), cfg.max_frames) for w in waves]
+        return batch, clip_log_mels(waves, cfg.mel, cfg.max_frames), inside
 
     for s in progress(read_samples(urls), total=total, desc=desc, unit="clip"):
         wave, sr = decode_audio(_payload(s, AUDIO_EXTS))
@@ -214,12 +218,44 @@ def _mel_batches(urls: list[str], cfg: PrepConfig, desc: str, total: int | None)
         yield flush()
 
 
+def group_of(sample: dict, field: str) -> str:
+    """The value of metadata `field` (PrepConfig.normalise_by) a sample's clip is normalised with."""
+    value = (json.loads(sample["json"]).get("meta") or {}).get(field)
+    if value is None or value == "":
+        raise ValueError(f"clip {sample['__key__']} has no {field!r} value to normalise by; give every clip one (a "
+                         "table column or a --name-pattern field) or drop --normalise-by")
+    return str(value)
+
+
+def _group_offsets(shards: Path, cfg: PrepConfig, counts: dict) -> dict[str, np.ndarray]:
+    """--normalise-by FIELD: each group's mean log-mel per band over its clips' frames (every split: a held-out
+    speaker's audio, never its labels) minus the same over the train split's, (n_mels,) float64 per group."""
+    sums: dict[str, np.ndarray] = {}
+    frames: dict[str, int] = collections.defaultdict(int)
+    train_sum, train_n = np.zeros(cfg.mel.n_mels), 0
+    for split in ordered_splits(counts):
+        urls = shard_urls(shards, "audio", split, allow_empty=True)
+        for samples, mels, inside in _mel_batches(urls, cfg, f"group means/{split}", counts.get(split)):
+            for s, mel, t in zip(samples, mels, inside):
+                band = mel[:, :t].astype(np.float64).sum(1)  # (n_mels,): the clip's own frames, not its padding
+                g = group_of(s, cfg.normalise_by)
+                sums[g] = sums.get(g, 0.0) + band
+                frames[g] += t
+                if split == "train":
+                    train_sum, train_n = train_sum + band, train_n + t
+    train_mean = train_sum / max(train_n, 1)
+    return {g: sums[g] / frames[g] - train_mean for g in sorted(sums)}
+
+
 def _audio(shards: Path, tmp: Path, cfg: PrepConfig, classes, counts, rng) -> dict:
     train = shard_urls(shards, "audio", "train", allow_empty=True)
+    offsets = _group_offsets(shards, cfg, counts) if cfg.normalise_by else {}
     # pass 1: dataset mean/std of the log-mel on the train split (one scalar each, as AST does)
     s1 = s2 = n = 0.0
-    for _, mels in _mel_batches(train, cfg, "mel stats", counts.get("train")):
-        for mel in mels:  # (n_mels, T)
+    for samples, mels, inside in _mel_batches(train, cfg, "mel stats", counts.get("train")):
+        for s, mel, t in zip(samples, mels, inside):  # (n_mels, T)
+            if offsets:
+                mel = _shifted(mel, offsets[group_of(s, cfg.normalise_by)], t)
             s1 += float(mel.sum(dtype=np.float64))
             s2 += float((mel.astype(np.float64) ** 2).sum())
             n += mel.size
@@ -235,14 +271,29 @@ def _audio(shards: Path, tmp: Path, cfg: PrepConfig, classes, counts, rng) -> di
         if not urls:
             continue
         with wds.ShardWriter(str(tmp / "audio" / f"{split}-%06d.tar"), maxcount=cfg.maxcount, mtime=0, verbose=0) as sink:
-            for samples, mels in _mel_batches(urls, cfg, f"mel/{split}", counts.get(split)):
-                for s, mel in zip(samples, mels):
+            for samples, mels, inside in _mel_batches(urls, cfg, f"mel/{split}", counts.get(split)):
+                for s, mel, t in zip(samples, mels, inside):
+                    if offsets:
+                        mel = _shifted(mel, offsets[group_of(s, cfg.normalise_by)], t)
                     m = ((mel - mean) / std).astype(np.float16)  # (n_mels, T)
                     sink.write({"__key__": s["__key__"], "mel.npy": m, "json": _info(s, classes)})
                     if split == "train":  # the grid-aligned part: whole patches in time
                         patches.add(grid_patches(m[None, :, : m.shape[1] - m.shape[1] % cfg.mel_patch], cfg.mel_patch))
     np.save(tmp / "patches" / "mel.npy", patches.array(np.float16))
-    return {"classes": classes, "mean": mean, "std": std, "mel": vars(cfg.mel) | {"hop_length": cfg.mel.hop_length}}
+    out = {"classes": classes, "mean": mean, "std": std, "mel": vars(cfg.mel) | {"hop_length": cfg.mel.hop_length}}
+    if offsets:  # per group: its clips' mean level against the train split's, and its largest band offset (nats)
+        out["normalised_by"] = {"field": cfg.normalise_by, "groups": {
+            g: {"level": round(float(o.mean()), 4), "largest": round(float(np.abs(o).max()), 4)}
+            for g, o in offsets.items()}}
+    return out
+
+
+def _shifted(mel: np.ndarray, offset: np.ndarray, inside: int) -> np.ndarray:
+    """(n_mels, T) log-mel with its group's per-band offset taken off its first `inside` frames (the clip's own; the
+    padding after them stays the silence it is)."""
+    mel = mel.copy()
+    mel[:, :inside] -= offset[:, None].astype(mel.dtype)
+    return mel
 
 
 def prep_changes(manifest, cfg: PrepConfig) -> dict[str, int]:

@@ -1,5 +1,6 @@
-"""How long a model trains: its steps from the data (epochs over the train split, a floor and a cap: plan_budget) and
-a wall-clock cap on them (Clock: TrainConfig.max_minutes).
+"""How long a model trains: its steps from the data (epochs over the train split, a floor and a cap: plan_budget), a
+wall-clock cap on them (Clock: TrainConfig.max_minutes), and a whole run's minutes shared out as those caps
+(RunClock: `tessera run --run-minutes`).
 
 The time cap measures the pace of the steps run so far (evaluations and checkpoints included) every few steps and
 moves the schedule's end (TrainConfig.max_steps, where the cosine decay ends) to the steps that fit in what is left
@@ -13,7 +14,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+import torch
 
 if TYPE_CHECKING:
     from tasks.train.trainer import TrainConfig
@@ -104,3 +108,96 @@ class Clock:
         self.said = end
         return (f"[{model}] time cap {self.cap_s / 60:.3g} min: the schedule now ends at step {end} of the {planned} "
                 f"planned ({self.spent / 60:.2f} min spent)")
+
+
+
+# ---------------------------------------------------------------------------------------------------- a run's minutes
+# What a default `make run` spends besides its models' time caps, in minutes on the machine the table's `minutes` were
+# measured on (tasks/train/table.py): starting up, the data and codebooks, each model's evaluation, the round trips,
+# the CLIP index and the registry (1.4 there on a fresh root, 2026-12-02: 17 min 41 s in all, 16.3 of them in train
+# tasks), and the part of each train task its cap does not see (building the model, starting its MLflow run and data,
+# the last evaluation: 0.4 in all on a machine probed at 2.05x, so ~0.2 here).
+OTHER_MINUTES = 1.8
+SHORTEST_TRAINING = 1.0  # minutes: a run's training is never planned shorter, however slow the machine
+PROBE_STEPS = 8
+# The probe's seconds (probe_seconds) on the machine the table's `minutes` were measured on (Intel AMX, bf16, one
+# thread as training uses, 2026-12-02).
+REFERENCE_PROBE_S = 1.03
+
+
+def probe_seconds(device: str = "cpu", precision: str = "auto", threads: int = 1) -> float:
+    """Seconds for PROBE_STEPS AdamW steps of the shared transformer core at the default models' size (128 wide, 4
+    deep; 32 sequences of 64 tokens), at the dtype and CPU threads training would use: this machine's training speed
+    in one number (the faster of two timings after a warm-up). Leaves torch's random state as it was."""
+    from models.transformer import Transformer
+    from tasks.infra.hardware import compute_dtype, cpu_threads, pick_device, sync
+
+    dev = pick_device(device)
+    bf16 = compute_dtype(precision, dev) == torch.bfloat16
+    with torch.random.fork_rng(devices=[]), cpu_threads(threads):
+        torch.manual_seed(0)
+        net = Transformer(128, 4, 4).to(dev)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+        x = torch.randn(32, 64, 128, device=dev)
+
+        def step():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = net(x).float().square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step(), step()
+        times = []
+        for _ in range(2):
+            sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(PROBE_STEPS):
+                step()
+            sync(dev)
+            times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what platform says."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_slowdown(root: str | Path, device: str = "cpu", precision: str = "auto") -> tuple[float, bool]:
+    """(this machine's training time over the reference machine's, measured now?): the probe against
+    REFERENCE_PROBE_S, rounded to 0.05, measured once per machine and kept in ROOT/machine.json (by CPU, cores, torch
+    version, device and precision), so every run on this machine and root plans the same minutes (and hits the same
+    cache)."""
+    import json
+    import os
+
+    from tasks.infra import storage
+    from tasks.infra.common import write_json
+
+    key = f"{cpu_name()}|{os.cpu_count()} cores|torch {torch.__version__}|{device}|{precision}"
+    path = storage.join(storage.location(root), "machine.json")
+    known = json.loads(storage.read_text(path)) if storage.exists(path) else {}
+    if key in known:
+        return float(known[key]["slowdown"]), False
+    seconds = probe_seconds(device, precision)
+    slowdown = round(seconds / REFERENCE_PROBE_S / 0.05) * 0.05
+    known[key] = {"probe_s": round(seconds, 4), "reference_s": REFERENCE_PROBE_S, "slowdown": slowdown}
+    if not storage.is_url(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, known)
+    return slowdown, True
+
+
+def run_training_minutes(run_minutes: float, slowdown: float) -> float:
+    """`--run-minutes`: the minutes its models' training may take, what is left of the run after OTHER_MINUTES of other
+    work at this machine's slowdown (a machine half as fast: twice those minutes), at least SHORTEST_TRAINING."""
+    return max(SHORTEST_TRAINING, run_minutes - slowdown * OTHER_MINUTES)

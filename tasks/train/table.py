@@ -92,8 +92,9 @@ class ModelSpec:
     # the validation metric that picks the best checkpoint and stops training early (TrainConfig.patience):
     # "val/accuracy" (higher is better; equal accuracy: lower val/loss) or "val/loss" (lower is better)
     monitor: str = "val/loss"
-    # its train task's minutes in the default `make run` (built-in set, Intel AMX machine, 2026-12-02): its share of a
-    # run's time budget for training (TrainParams.train_minutes -> each model's TrainConfig.max_minutes)
+    # its train task's minutes in the default `make run` (built-in set, Intel AMX machine, idle cores, 2026-12-02,
+    # last): its share of a run's minutes for training (--train-minutes, or what --run-minutes leaves for it: each
+    # model's TrainConfig.max_minutes)
     minutes: float = 1.0
 
     def build(self, cfg) -> nn.Module:
@@ -145,7 +146,7 @@ MODELS: dict[str, ModelSpec] = {
         train=dict(epochs=26.37, max_steps=7500, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=50,
                    weight_decay=0.05),
         needs=("label",), evaluation="classifier", role="image-classifier", headline=("accuracy",),
-        minutes=1.3,
+        minutes=1.32,
         accuracy=label_accuracy, augment=vit_augment, monitor="val/accuracy",
     ),
     "ast": ModelSpec(
@@ -169,7 +170,7 @@ MODELS: dict[str, ModelSpec] = {
         train=dict(epochs=17, max_steps=3750, batch_size=32, lr=5e-4, min_lr=5e-5, warmup_steps=40, weight_decay=0.05),
         needs=("label",), evaluation="classifier", headline=("accuracy",), accuracy=label_accuracy,
         augment=ast_augment, monitor="val/accuracy",
-        minutes=1.15,
+        minutes=1.03,
     ),
     "clip": ModelSpec(
         "image", CLIP, CLIPConfig, _clip, clip_batch,
@@ -186,7 +187,7 @@ MODELS: dict[str, ModelSpec] = {
         train=dict(epochs=26.37, max_steps=3750, batch_size=64, lr=1e-3, min_lr=1e-4, warmup_steps=60,
                    weight_decay=0.1),
         needs=("text", "distinct text"), evaluation="image-text", role="image-text",
-        minutes=2.65,
+        minutes=2.38,
         headline=("zero_shot/combo_accuracy", "zero_shot/label_accuracy", "retrieval/i2t_recall_at_1"),
         accuracy=retrieval_accuracy, init=("vit", "encoder.patch_embed.", "visual.patch_embed."),
         # best checkpoint by in-batch retrieval accuracy: the contrastive val loss rises (ever more confident logits)
@@ -205,7 +206,7 @@ MODELS: dict[str, ModelSpec] = {
         train=dict(epochs=13.18, max_steps=2750, batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=30,
                    weight_decay=0.05),
         codebook="pixels", evaluation="image-sampler", role="image-sampler", headline=("bits_per_token",),
-        minutes=2.85,
+        minutes=2.78,
     ),
     "asr": ModelSpec(
         "audio", Seq2Seq, Seq2SeqConfig, _asr, asr_batch,
@@ -219,7 +220,7 @@ MODELS: dict[str, ModelSpec] = {
         train=dict(epochs=10.63, max_steps=4750, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=25,
                    weight_decay=0.05),
         needs=("text",), evaluation="transcriber", role="speech-recogniser", headline=("cer",),
-        minutes=0.8,
+        minutes=0.77,
         accuracy=token_accuracy, augment=asr_augment,
     ),
     "t2i": ModelSpec(
@@ -237,7 +238,7 @@ MODELS: dict[str, ModelSpec] = {
         train=dict(epochs=26.37, max_steps=4800, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=30,
                    weight_decay=0.05),
         codebook="image", needs=("text",), evaluation="text-to-image", role="image-generator",
-        minutes=5.6,
+        minutes=5.44,
         headline=("bits_per_token",),
     ),
     "tts": ModelSpec(
@@ -268,7 +269,7 @@ MODELS: dict[str, ModelSpec] = {
         train=dict(epochs=51.05, max_steps=4800, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=40,
                    weight_decay=0.05),
         needs=("text",), evaluation="text-to-speech", role="speech-generator", headline=("mel_l1",),
-        minutes=3.1,
+        minutes=2.57,
     ),
 }
 
