@@ -41,6 +41,11 @@ CASES = {
                           "argument --precision: invalid choice: 'fp8' (choose from 'auto', 'bf16', 'fp32')"),
     "unknown model": (["train", "resnet"], "argument model: invalid choice: 'resnet'"),
     "no steps": (["run", "--steps", "0"], "--steps=0: Input should be greater than or equal to 1"),
+    "normalise by a field no item has": (["data", "--images", "{t}/imgs", "--normalise-by", "speaker"],
+                                         "--normalise-by speaker: no item has a 'speaker' value; name a table column "
+                                         "or a --name-pattern field"),
+    "normalise by the label": (["run", "--normalise-by", "label"],
+                               "--normalise-by label would tell the test clips' labels through their means"),
 }
 
 

@@ -8,7 +8,9 @@ Input: a shards directory (tasks/data/shards.py). Output, under a content-addres
     patches/image.npy          uint8 (N, P*P*3) grid-aligned train image patches
     patches/mel.npy            float16 (N, P*P) grid-aligned train spectrogram patches (normalised)
 Spectrograms are computed in batches. Mel mean/std come from the train split alone (a first pass), then every
-split is normalised with them (a second pass), as the AST recipe does.
+split is normalised with them (a second pass), as the AST recipe does. With normalise_by (--normalise-by speaker), a
+pass before those moves each group's mean log-mel per band, over all its clips, to the train split's
+(`_group_offsets`; stats.json's audio `normalised_by` says each group's level and largest band offset).
 
 The clip window (n_frames, what the audio models see at once) is decided here, from the manifest (`clip_window`):
 --n-frames, else --clip-seconds, else the 95th percentile of the train clips' durations; in frames of 10 ms that hold
