@@ -408,3 +408,17 @@ def test_noise_floor_raises_quiet_bins_to_a_level_under_each_clips_peak():
     some = augment.noise_floor(mel, (1.0, 2.0), std=6.0, p=0.5)
     changed = (some != mel).flatten(1).any(1)
     assert 0 < changed.sum() < 8  # a share of the clips, each whole or not at all
+
+
+def test_a_tilted_noise_floor_rises_towards_the_top_band():
+    """floor_tilt: the floor's level climbs by up to `tilt` std from the lowest band to the highest (a recording whose
+    high bands drown first); without it every band gets the same level."""
+    torch.manual_seed(0)
+    mel = torch.full((64, 16, 20), -10.0)
+    mel[:, 0, 0] = 0.0  # the clip's peak
+    flat = augment.noise_floor(mel, (2.0, 2.0), std=1.0, p=1.0)
+    tilted = augment.noise_floor(mel, (2.0, 2.0), std=1.0, p=1.0, tilt=2.0)
+    assert torch.allclose(flat[:, 1], flat[:, -1], atol=1e-5)
+    rise = (tilted[:, -1] - tilted[:, 1]).mean()
+    assert 0.7 < rise < 1.3  # uniform in [0, 2] std at the top band: 1 on average
+    assert torch.allclose(tilted[:, 0, 0], flat[:, 0, 0])  # the lowest band gets the untilted level
