@@ -148,6 +148,12 @@ def test_the_machines_slowdown_is_probed_once_per_root_and_machine(tmp_path, mon
     assert budget.machine_slowdown(tmp_path, precision="fp32") == (pytest.approx(0.5), True)
     assert budget.machine_slowdown(tmp_path / "other-root") == (pytest.approx(1.0), True)
     assert len(__import__("json").loads((tmp_path / "machine.json").read_text())) == 2
+    (tmp_path / "machine.json").write_text("{not json")  # damaged: probed again and rewritten, not a crash
+    monkeypatch.setattr(budget, "probe_seconds", lambda device, precision: 3.0 * budget.REFERENCE_PROBE_S)
+    assert budget.machine_slowdown(tmp_path) == (pytest.approx(3.0), True)
+    assert budget.machine_slowdown(tmp_path) == (pytest.approx(3.0), False)
+    (tmp_path / "machine.json").write_text("[]")
+    assert budget.machine_slowdown(tmp_path) == (pytest.approx(3.0), True)
 
 
 def test_a_run_shares_what_its_minutes_leave_for_training(tmp_path, monkeypatch):

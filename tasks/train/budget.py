@@ -11,7 +11,9 @@ long. Where the cap moved the end, the run says so once per move of more than 2%
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,18 +178,22 @@ def machine_slowdown(root: str | Path, device: str = "cpu", precision: str = "au
     """(this machine's training time over the reference machine's, measured now?): the probe against
     REFERENCE_PROBE_S, rounded to 0.05, measured once per machine and kept in ROOT/machine.json (by CPU, cores, torch
     version, device and precision), so every run on this machine and root plans the same minutes (and hits the same
-    cache)."""
-    import json
-    import os
-
+    cache). A damaged file is probed again and written afresh."""
     from tasks.infra import storage
     from tasks.infra.common import write_json
 
     key = f"{cpu_name()}|{os.cpu_count()} cores|torch {torch.__version__}|{device}|{precision}"
     path = storage.join(storage.location(root), "machine.json")
-    known = json.loads(storage.read_text(path)) if storage.exists(path) else {}
-    if key in known:
-        return float(known[key]["slowdown"]), False
+    try:
+        known = json.loads(storage.read_text(path)) if storage.exists(path) else {}
+        if not isinstance(known, dict):
+            raise ValueError("not an object")
+        stored = float(known[key]["slowdown"]) if key in known else None
+    except (ValueError, TypeError, KeyError):  # a damaged file: probe again and write it afresh
+        print(f"{path} is not the probe's JSON; probing this machine again")
+        known, stored = {}, None
+    if stored is not None:
+        return stored, False
     seconds = probe_seconds(device, precision)
     slowdown = round(seconds / REFERENCE_PROBE_S / 0.05) * 0.05
     known[key] = {"probe_s": round(seconds, 4), "reference_s": REFERENCE_PROBE_S, "slowdown": slowdown}
