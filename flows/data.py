@@ -54,9 +54,10 @@ def check_data(p: DataParams) -> None:
                               f"{folder}/<class>/, or pass the folder that has them")
         if table is not None:
             check_table(table, kind, ingest_cfg)
-    if p.split_by and (found := group_values(sources, ingest_cfg, p.split_by)) is not None:
-        check_groups(p, found)
-    if p.normalise_by and group_values(sources, ingest_cfg, p.normalise_by) == set():
+    found = {f: group_values(sources, ingest_cfg, f) for f in {p.split_by, p.normalise_by} - {None}}  # read once
+    if p.split_by and found[p.split_by] is not None:
+        check_groups(p, found[p.split_by])
+    if p.normalise_by and found[p.normalise_by] == set():
         raise IngestError(f"--normalise-by {p.normalise_by}: no item has a {p.normalise_by!r} value; name a table "
                           "column or a --name-pattern field")
 

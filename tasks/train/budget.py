@@ -1,6 +1,6 @@
 """How long a model trains: its steps from the data (epochs over the train split, a floor and a cap: plan_budget), a
-wall-clock cap on them (Clock: TrainConfig.max_minutes), and a whole run's minutes shared out as those caps
-(RunClock: `tessera run --run-minutes`).
+wall-clock cap on them (Clock: TrainConfig.max_minutes), and what a whole run's minutes leave for training on this
+machine (run_training_minutes, machine_slowdown: `tessera run --run-minutes`).
 
 The time cap measures the pace of the steps run so far (evaluations and checkpoints included) every few steps and
 moves the schedule's end (TrainConfig.max_steps, where the cosine decay ends) to the steps that fit in what is left
@@ -14,12 +14,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+
+from tasks.infra import storage
+from tasks.infra.common import write_json
 
 if TYPE_CHECKING:
     from tasks.train.trainer import TrainConfig
@@ -112,7 +116,6 @@ class Clock:
                 f"planned ({self.spent / 60:.2f} min spent)")
 
 
-
 # ---------------------------------------------------------------------------------------------------- a run's minutes
 # What a default `make run` spends besides its models' time caps, in minutes on the machine the table's `minutes` were
 # measured on (tasks/train/table.py): starting up, the data and codebooks, each model's evaluation, the round trips,
@@ -163,8 +166,6 @@ def probe_seconds(device: str = "cpu", precision: str = "auto", threads: int = 1
 
 def cpu_name() -> str:
     """The CPU's model name (Linux: /proc/cpuinfo), else what platform says."""
-    import platform
-
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -179,9 +180,6 @@ def machine_slowdown(root: str | Path, device: str = "cpu", precision: str = "au
     REFERENCE_PROBE_S, rounded to 0.05, measured once per machine and kept in ROOT/machine.json (by CPU, cores, torch
     version, device and precision), so every run on this machine and root plans the same minutes (and hits the same
     cache). A damaged file is probed again and written afresh."""
-    from tasks.infra import storage
-    from tasks.infra.common import write_json
-
     key = f"{cpu_name()}|{os.cpu_count()} cores|torch {torch.__version__}|{device}|{precision}"
     path = storage.join(storage.location(root), "machine.json")
     try:
