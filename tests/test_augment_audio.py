@@ -144,3 +144,24 @@ def test_a_tilted_noise_floor_rises_towards_the_top_band():
     rise = (tilted[:, -1] - tilted[:, 1]).mean()
     assert 0.7 < rise < 1.3  # uniform in [0, 2] std at the top band: 1 on average
     assert torch.allclose(tilted[:, 0, 0], flat[:, 0, 0])  # the lowest band gets the untilted level
+
+
+def test_band_limit_drowns_the_bands_above_a_cutoff_in_their_own_quiet_level():
+    """band_limit: above a cutoff in the top half of the bands, each band is held at its own 10% quantile over the
+    clip's frames (its noise); the bands below keep every value; p=0 leaves the clip as it was."""
+    torch.manual_seed(0)
+    mel = torch.randn(64, 16, 40)
+    out = augment.band_limit(mel, p=1.0, lowest=0.5)
+    quiet = mel.quantile(0.1, dim=2, keepdim=True).expand_as(mel)
+    cuts = []
+    for m, q, o in zip(mel, quiet, out):
+        drowned = (o == q).all(1) & ~(o == m).all(1)  # (F,) bands held at their quiet level
+        first = int(drowned.float().argmax()) if drowned.any() else 16  # a cutoff past the top band drowns none
+        assert first >= 8 and drowned[first:].all()  # a cutoff in the top half, every band above it
+        assert torch.equal(o[:first], m[:first])
+        cuts.append(first)
+    assert len(set(cuts)) > 3 and sum(c < 16 for c in cuts) > 48  # the cutoff varies; most clips lose some bands
+    assert torch.equal(augment.band_limit(mel, p=0.0), mel)
+    some = augment.band_limit(mel, p=0.5)
+    kept = sum(torch.equal(a, b) for a, b in zip(some, mel))
+    assert 16 < kept < 48  # about half the clips untouched

@@ -26,9 +26,10 @@ from tasks.train.trainer import (CheckpointError, TrainConfig, default_train_con
 from tests.helpers import (TINY_TRAIN, _shared_mlflow, failing_at, mlflow_db, prep,  # noqa: F401 (fixtures)
                            weights_equal)
 
-# The step counts the models had before the budget followed the data (text-to-speech's since raised from 800): the
-# table's epochs must give them back on the built-in set (BUILTIN_TRAIN), so `make run`'s figures and time stay.
-STEPS_BEFORE = {"vit": 600, "ast": 400, "clip": 600, "imagegpt": 600, "asr": 250, "t2i": 1200, "tts": 1200}
+# The step counts the models had before the budget followed the data (text-to-speech's since raised from 800, the
+# ViT's from 600, CLIP's down from 600): the table's epochs must give them back on the built-in set (BUILTIN_TRAIN),
+# so `make run`'s figures and time stay.
+STEPS_BEFORE = {"vit": 1200, "ast": 400, "clip": 450, "imagegpt": 600, "asr": 250, "t2i": 1200, "tts": 1200}
 FLAT = replace(TINY_TRAIN, lr=0.0, min_lr=0.0)  # nothing moves: every evaluation equals the first
 
 

@@ -279,6 +279,39 @@ def test_roundtrip_t2i(world):
     assert "](grids/a_red_circle.png)" in (out / "summary.md").read_text()
 
 
+def test_a_clip_started_from_the_judge_does_not_rerank_what_the_judge_reads(world, tmp_path):
+    """A CLIP whose stem started from the judging ViT would pick the samples that ViT reads as asked (the default
+    run's: seen shape 0.70 by that ViT, 0.54 by one trained apart), so the round trip draws one candidate an image and
+    says why; the same CLIP recorded as started from nothing re-ranks. The trainer records where a part started."""
+    from tasks.eval.generate import Sampling
+    from tasks.infra.checkpoint import save_checkpoint
+    from tasks.train.trainer import TrainConfig, train
+
+    c, b = world["ckpts"], world["blank"]
+    clip = load_checkpoint(b["clip"])
+    rows = {}
+    for name, source in (("coupled", str(b["vit"])), ("apart", None)):
+        save_checkpoint(tmp_path / f"{name}.pt", {**clip, "init_from": source})
+        res = roundtrip.roundtrip_t2i(c["t2i"], b["vit"], tmp_path / f"{name}.pt", world["prep"], world["codebooks"],
+                                      tmp_path / name, BUILTIN, prompts=["a red circle"], samples=2,
+                                      how=Sampling(guidance=2.0, temperature=0.3, top_k=8, rerank=3))
+        rows[name] = (res["metrics"]["rerank"], res["metrics"]["reranker_shares_judge_weights"],
+                      "started from the judging ViT" in (tmp_path / name / "summary.md").read_text())
+    assert rows == {"coupled": (1.0, 1.0, True), "apart": (3.0, 0.0, False)}
+    cfg = TrainConfig(max_steps=1, batch_size=4, warmup_steps=1, eval_every=1, ckpt_every=1, log_every=1,
+                      precision="fp32", shuffle_buffer=1)
+    record = train("clip", world["prep"], tmp_path / "clip", cfg, preset="tiny", init_from=c["vit"])
+    assert load_checkpoint(record["checkpoint"])["init_from"] == str(c["vit"])
+    assert roundtrip.shares_weights(record["checkpoint"], c["vit"])
+    assert not roundtrip.shares_weights(record["checkpoint"], b["vit"])
+    # a checkpoint from before "init_from" was recorded: a model that can start from another is taken to have
+    legacy = {k: v for k, v in clip.items() if k != "init_from"}
+    save_checkpoint(tmp_path / "legacy.pt", legacy)
+    assert roundtrip.shares_weights(tmp_path / "legacy.pt", b["vit"])
+    save_checkpoint(tmp_path / "legacy-vit.pt", {k: v for k, v in load_checkpoint(b["vit"]).items() if k != "init_from"})
+    assert not roundtrip.shares_weights(tmp_path / "legacy-vit.pt", b["vit"])
+
+
 def test_roundtrip_imagegpt(world):
     """A blank ViT names every image a circle with probability 1/6: no sample is confident, and a completion's shape
     is recovered exactly when the test image is a circle."""

@@ -1,10 +1,11 @@
 """Round trips across modalities, judged by the other trained models and by pixel statistics.
 
     roundtrip_t2i:      prompt -> t2i -> SAMPLES_PER_PROMPT images (seeded; each the best of T2I_SAMPLING.rerank
-                        candidates by the trained CLIP) -> the trained ViT names the shape, the dominant foreground
-                        colour (dominant_colour, against the built-in palette and backgrounds) names the colour;
-                        CLIP's zero-shot shape and colour are reported beside them, not as judges (the CLIP that
-                        re-ranked the samples cannot judge them). A grid per prompt.
+                        candidates by the trained CLIP, unless that CLIP shares weights with the judging ViT) -> the
+                        trained ViT names the shape, the dominant foreground colour (dominant_colour, against the
+                        built-in palette and backgrounds) names the colour; CLIP's zero-shot shape and colour are
+                        reported beside them, not as judges (a CLIP that re-ranked the samples cannot judge them). A
+                        grid per prompt.
     roundtrip_imagegpt: unconditional samples and completions of test images from their top half -> the ViT (shape)
                         and colour_purity (one coloured thing, or scattered pixels?).
     roundtrip_tts:      transcript -> tts -> Griffin-Lim waveform -> log-mel -> asr: CER against the transcript.
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,9 @@ from tasks.eval.generate import (IMAGEGPT_SAMPLING, T2I_SAMPLING, Sampling, clip
                                  generate_images, imagegpt_pixels, imagegpt_tokens)
 from tasks.eval.metrics import cer, wer
 from tasks.eval.report import finish, image_grid, table
+from tasks.infra.checkpoint import load_checkpoint
 from tasks.infra.common import atomic_dir
+from tasks.train.table import spec
 
 
 MIN_FOREGROUND = 0.02  # a foreground colour must cover at least this share of the image to be named
@@ -96,6 +100,16 @@ def subset_rates(got: dict[str, list], want: dict[str, list], heldout: list[bool
     return out
 
 
+def shares_weights(checkpoint: Path, other: Path) -> bool:
+    """Did `checkpoint`'s model start part of itself from `other` (its "init_from", tasks/train/trainer.py
+    init_part)? A checkpoint from before the field was recorded counts as sharing when its model can start from
+    another (table `init`: the pipeline started it so by default)."""
+    ckpt = load_checkpoint(checkpoint)
+    if "init_from" not in ckpt:
+        return spec(ckpt["model"]).init is not None
+    return ckpt["init_from"] is not None and os.path.abspath(ckpt["init_from"]) == os.path.abspath(other)
+
+
 def _judge_images(pixels: torch.Tensor, vit, vctx, clip, cctx, vocab: Vocabulary) -> dict[str, list]:
     """Pixels (N, 3, S, S) 0..255 -> {"shape": ViT argmax, "shape_p": its probability, "colour": dominant pixel
     colour, "clip_shape", "clip_colour": CLIP zero-shot (reported, not the judge)}, a list of N each."""
@@ -126,8 +140,9 @@ def roundtrip_t2i(t2i_ckpt: Path, classifier_ckpt: Path, clip_ckpt: Path | None,
     foreground colour by pixel statistics (dominant_colour) names the colour; CLIP's zero-shot shape and colour are
     reported beside them. Metrics: the fractions of images whose asked shape / colour / both are recovered, over every
     prompt, the seen pairs and the held-out pairs; the ViT's mean top-1 probability. A grid per prompt.
-    how.rerank > 1: each image is the best of that many candidates by CLIP (clip_scorer); with no clip_ckpt, one
-    candidate (metrics "rerank" says which).
+    how.rerank > 1: each image is the best of that many candidates by CLIP (clip_scorer); with no clip_ckpt, or a
+    CLIP that shares weights with the judge (shares_weights: the pipeline's CLIP starts from the ViT's stem), one
+    candidate (metrics "rerank" says which, the summary why).
 
     vocab: the shapes, colours and held-out pairs the prompts name (default prompts: every pair of it)."""
     prompts = list(prompts or vocab.prompts())
@@ -135,7 +150,8 @@ def roundtrip_t2i(t2i_ckpt: Path, classifier_ckpt: Path, clip_ckpt: Path | None,
     _, vit, vctx = load_model(classifier_ckpt, prep_dir, role="image-classifier")
     clip, cctx = load_model(clip_ckpt, prep_dir, role="image-text")[1:] if clip_ckpt else (None, None)
     asked = [p for p in prompts for _ in range(samples)]  # prompt-major: asked[i * samples + j]
-    scorer = clip_scorer(clip, cctx) if clip is not None and how.rerank > 1 else None
+    coupled = clip_ckpt is not None and shares_weights(clip_ckpt, classifier_ckpt)
+    scorer = clip_scorer(clip, cctx) if clip is not None and how.rerank > 1 and not coupled else None
     with amp():
         pixels = generate_images(t2i, tctx, asked, how, torch.Generator().manual_seed(SEED), scorer=scorer)
     got = _judge_images(pixels, vit, vctx, clip, cctx, vocab)
@@ -147,7 +163,7 @@ def roundtrip_t2i(t2i_ckpt: Path, classifier_ckpt: Path, clip_ckpt: Path | None,
     heldout = [pair in vocab.heldout for pair in wanted]
     metrics = {"n": float(len(asked)), "samples_per_prompt": float(samples), "guidance": how.guidance,
                "temperature": how.temperature, "top_k": float(how.top_k or 0),
-               "rerank": float(how.rerank if scorer else 1),
+               "rerank": float(how.rerank if scorer else 1), "reranker_shares_judge_weights": float(coupled),
                **subset_rates(got, want, heldout),
                "vit_top1_probability": sum(got["shape_p"]) / len(asked)}
     record: dict = {}
@@ -156,8 +172,11 @@ def roundtrip_t2i(t2i_ckpt: Path, classifier_ckpt: Path, clip_ckpt: Path | None,
         image_grid(pixels[::samples], [f"{p}\n{s} {c}" for p, s, c in zip(prompts, got["shape"][::samples],
                                                                          got["colour"][::samples])],
                    tmp / "roundtrip_t2i.png", ncols=len(vocab.colours))
+        why = ([f"One candidate an image, not the best of {how.rerank} by CLIP: this CLIP started from the judging "
+                "ViT's weights, so it would pick the samples that this ViT in particular reads as asked (README, "
+                "text-to-image)."] if coupled and how.rerank > 1 else [])
         summary = finish(tmp, record, "round trip: text -> image -> judges (ViT shape, pixel colour)", metrics,
-                         ["### Prompts", table(("prompt", "shape recovered", "colour recovered", "both", "grid"),
+                         why + ["### Prompts", table(("prompt", "shape recovered", "colour recovered", "both", "grid"),
                                                rows), "Overview (one sample a prompt): ![](roundtrip_t2i.png)"])
     return {**record, "summary": summary}
 

@@ -28,7 +28,8 @@ from tasks.infra import storage
 CKPT = "ckpt.pt"
 BEST = "best.pt"
 STATE = "train.json"
-WEIGHTS = ("model", "config", "state_dict", "step", "run_id", "train_config", "val", "codebooks", "prep_dir")
+WEIGHTS = ("model", "config", "state_dict", "step", "run_id", "train_config", "val", "codebooks", "prep_dir",
+           "init_from")
 
 
 class CheckpointError(RuntimeError):

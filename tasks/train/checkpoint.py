@@ -70,7 +70,8 @@ def _weights(job: Job, data: Data, state: State, run_id: str | None) -> dict:
     """What rebuilds and evaluates the model (build_from_checkpoint): best.pt holds these keys, ckpt.pt more."""
     return {"model": job.model, "config": asdict(data.model_cfg), "state_dict": state.net.state_dict(),
             "step": state.step, "run_id": run_id, "train_config": asdict(job.cfg), "val": state.val,
-            "codebooks": {k: str(v) for k, v in (job.codebooks or {}).items()}, "prep_dir": str(job.prep_dir)}
+            "codebooks": {k: str(v) for k, v in (job.codebooks or {}).items()}, "prep_dir": str(job.prep_dir),
+            "init_from": str(job.init_from) if job.init_from is not None else None}  # what a part started from
 
 
 def save_state(job: Job, data: Data, state: State, run_id: str | None) -> None:
