@@ -45,6 +45,13 @@ class Seq2SeqConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     src_embed_std: float = 1.0  # init of a token source's embedding (the sinusoidal positions have std 0.71)
+    # > 0: the target is a raster of image codes tgt_grid wide, placed by a learned row plus a learned column embedding
+    # (DALL-E's) instead of one learned embedding per position: the codes of one column share what places them
+    tgt_grid: int = 0
+
+    def __post_init__(self):
+        if self.tgt_grid and self.tgt_len % self.tgt_grid:
+            raise ValueError(f"tgt_grid={self.tgt_grid} must divide tgt_len={self.tgt_len} (a raster of whole rows)")
 
 
 class MelStem(nn.Module):
@@ -80,12 +87,17 @@ class Seq2Seq(nn.Module):
         self.register_buffer("src_pos", sinusoidal(n_src, cfg.dim), persistent=False)  # (S, D)
         self.encoder = Transformer(cfg.dim, cfg.enc_depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout)
         self.tgt_embed = nn.Embedding(cfg.tgt_vocab, cfg.dim)
-        self.tgt_pos = nn.Parameter(torch.zeros(cfg.tgt_len, cfg.dim))  # learned, (Lt, D)
+        if cfg.tgt_grid:  # learned, (rows, D) and (cols, D)
+            self.tgt_row = nn.Parameter(torch.zeros(cfg.tgt_len // cfg.tgt_grid, cfg.dim))
+            self.tgt_col = nn.Parameter(torch.zeros(cfg.tgt_grid, cfg.dim))
+        else:
+            self.tgt_pos = nn.Parameter(torch.zeros(cfg.tgt_len, cfg.dim))  # learned, (Lt, D)
         self.decoder = Transformer(cfg.dim, cfg.dec_depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout,
                                    causal=True, cross=True)
         self.drop = nn.Dropout(cfg.dropout)
         self.apply(init_weights)
-        nn.init.normal_(self.tgt_pos, std=0.02)
+        for pos in (self.tgt_row, self.tgt_col) if cfg.tgt_grid else (self.tgt_pos,):
+            nn.init.normal_(pos, std=0.02)
         if cfg.src_kind == "tokens":  # as large as the sinusoidal positions it is added to: at std 0.02 they drown
             nn.init.normal_(self.src_embed.weight, std=cfg.src_embed_std)  # the caption (README "What the models learn")
 
@@ -103,9 +115,15 @@ class Seq2Seq(nn.Module):
         t0 = 0 if cache is None else len(cache)
         if t0 + tgt_in.shape[1] > self.cfg.tgt_len:
             raise ValueError(f"target position {t0 + tgt_in.shape[1]} exceeds tgt_len={self.cfg.tgt_len}")
-        x = self.drop(self.tgt_embed(tgt_in) + self.tgt_pos[t0 : t0 + tgt_in.shape[1]])  # (B, T, D)
+        x = self.drop(self.tgt_embed(tgt_in) + self.target_positions()[t0 : t0 + tgt_in.shape[1]])  # (B, T, D)
         x = self.decoder(x, memory=memory, memory_mask=memory_mask, cache=cache)  # (B, T, D)
         return x @ self.tgt_embed.weight.T  # (B, T, V), head tied to the target embedding
+
+    def target_positions(self) -> torch.Tensor:
+        """(tgt_len, D): each target position's embedding (with tgt_grid, its row's plus its column's)."""
+        if not self.cfg.tgt_grid:
+            return self.tgt_pos
+        return (self.tgt_row[:, None] + self.tgt_col[None, :]).flatten(0, 1)
 
     def forward(self, batch: dict[str, torch.Tensor]):
         memory, mask = self.encode(batch["src"])

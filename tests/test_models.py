@@ -59,6 +59,7 @@ TINY = {
     "imagegpt_cond": (ImageGPT, ImageGPTConfig(vocab_size=16, seq_len=24, n_classes=3, depth=2, **SMALL)),
     "audio_to_text": (Seq2Seq, audio_to_text_config(n_mels=16, n_frames=24, tgt_len=20, **S2S)),
     "text_to_image": (Seq2Seq, text_to_image_config(n_codes=16, n_tokens=12, src_len=24, **S2S)),
+    "text_to_image_grid": (Seq2Seq, text_to_image_config(n_codes=16, n_tokens=12, src_len=24, tgt_grid=4, **S2S)),
     "tts": (TTS, TTSConfig(n_mels=16, n_frames=24, src_len=24, voice_dim=4, align="mas", **S2S)),
     "clip": (CLIP, CLIPConfig(img_size=16, patch_size=4, **CLIP_SMALL)),
     "clip_bidir": (CLIP, CLIPConfig(img_size=16, patch_size=4, text_causal=False, **CLIP_SMALL)),
@@ -176,7 +177,7 @@ def test_imagegpt_is_causal(name):
     assert not torch.allclose(a[:, j + 1], b[:, j + 1])  # ... and does see them
 
 
-@pytest.mark.parametrize("name", ["audio_to_text", "text_to_image"])
+@pytest.mark.parametrize("name", ["audio_to_text", "text_to_image", "text_to_image_grid"])
 def test_seq2seq_decoder_is_causal(name):
     model, cfg = build(name)
     batch = make_batch(cfg, B=2)
@@ -186,6 +187,20 @@ def test_seq2seq_decoder_is_causal(name):
     a, b = model(batch)[0], model(changed)[0]
     torch.testing.assert_close(a[:, : j + 1], b[:, : j + 1])
     assert not torch.allclose(a[:, j + 1], b[:, j + 1])
+
+
+def test_image_targets_placed_by_row_and_column():
+    """tgt_grid: a target position's embedding is its row's plus its column's, so the codes of one column share what
+    places them (12 codes, 4 wide: 3 rows); no per-position table; a grid that does not divide the target is refused."""
+    model, cfg = build("text_to_image_grid")
+    pos = model.target_positions()  # (12, D)
+    assert pos.shape == (12, cfg.dim) and "tgt_pos" not in model.state_dict()
+    torch.testing.assert_close(pos[1 * 4 + 2], model.tgt_row[1] + model.tgt_col[2])
+    torch.testing.assert_close(pos[0 * 4 + 2] - pos[0 * 4 + 1], pos[2 * 4 + 2] - pos[2 * 4 + 1])  # per row, the same
+    flat, _ = build("text_to_image")
+    assert flat.target_positions() is flat.tgt_pos and "tgt_row" not in flat.state_dict()
+    with pytest.raises(ValueError, match="tgt_grid=5 must divide tgt_len=12"):
+        text_to_image_config(n_codes=16, n_tokens=12, tgt_grid=5)
 
 
 def test_seq2seq_source_padding_is_masked():
@@ -232,7 +247,7 @@ def test_imagegpt_greedy_generate_equals_uncached_argmax(name):
     assert sampled.shape == (2, cfg.seq_len) and 0 <= sampled.min() and sampled.max() < cfg.vocab_size
 
 
-@pytest.mark.parametrize("name", ["audio_to_text", "text_to_image"])
+@pytest.mark.parametrize("name", ["audio_to_text", "text_to_image", "text_to_image_grid"])
 def test_seq2seq_cache_matches_full_decode(name):
     model, cfg = build(name)
     batch = make_batch(cfg, B=2)
@@ -245,7 +260,7 @@ def test_seq2seq_cache_matches_full_decode(name):
     assert cache.layers[0]["cross"]["k"].shape == (2, 2, memory.shape[1], 16)  # computed once, (B, nh, S, hs)
 
 
-@pytest.mark.parametrize("name", ["audio_to_text", "text_to_image"])
+@pytest.mark.parametrize("name", ["audio_to_text", "text_to_image", "text_to_image_grid"])
 def test_seq2seq_greedy_generate_equals_uncached_argmax(name):
     model, cfg = build(name)
     src = make_batch(cfg, B=3)["src"]
