@@ -123,10 +123,10 @@ def _patches(size: int, patch: int, stride: int | None = None) -> int:
 # run`'s defaults (BUILTIN_TRAIN items in the train split: 2000 images and 1000 clips, 80/10/10, held-out pairs in
 # test) the step counts the models had before (ViT 600, AST 400, CLIP 600, ImageGPT 300, ASR 250, text-to-image
 # 300, text-to-speech 400; for their round trips ImageGPT now 600 and text-to-image 1,200; the ViT now 1,200 and CLIP
-# 450, below), so its figures and `make run`'s time stay. The caps keep a model's steps under ~12 minutes on two CPU cores (the rest of 15 for evaluation
-# and checkpoints): measured step times, default preset and train config, one torch thread, 2 shared cores: ViT
-# 0.092-0.095 s, AST 0.158-0.19 s, CLIP 0.184 s, ImageGPT 0.21-0.25 s, ASR 0.14-0.15 s, text-to-image 0.2-0.235 s,
-# text-to-speech 0.16-0.17 s.
+# 450, below), so its figures and `make run`'s time stay. The caps keep a model's steps under ~12 minutes on two CPU
+# cores (the rest of 15 for evaluation and checkpoints): measured step times, default preset and train config, one
+# torch thread, 2 shared cores: ViT 0.092-0.095 s, AST 0.158-0.19 s, CLIP 0.184 s, ImageGPT 0.21-0.25 s, ASR 0.14-0.15
+# s, text-to-image 0.2-0.235 s, text-to-speech 0.16-0.17 s.
 BUILTIN_TRAIN = {"image": 1456, "audio": 752}
 # Each model's time cap (TrainConfig.max_minutes) unless the run shares a budget out (TrainParams.train_minutes): a
 # slower machine trains fewer steps with a whole schedule rather than for longer (tasks/train/budget.py).

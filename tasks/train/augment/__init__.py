@@ -32,7 +32,7 @@ from tasks.train.augment.image import (TRIVIAL_OPS, VIT_AUG, colour_jitter, enha
 DEFAULTS = {vit_augment: VIT_AUG, ast_augment: AST_AUG, asr_augment: ASR_AUG}  # each model augmentation's settings
 
 __all__ = ["AST_AUG", "ASR_AUG", "DEFAULTS", "FLOOR_DROP", "TRIVIAL_OPS", "VIT_AUG", "asr_augment", "ast_augment",
-           "band_limit", "colour_jitter", "cutmix", "enhance_brightness", "enhance_colour", "enhance_contrast", "freq_shift", "grey",
-           "mix", "mixup", "noise_floor", "random_gain", "settings", "shift_flip", "slaney_hz", "slaney_mel",
-           "spec_augment", "speaker_and_room", "speed_warp", "time_shift", "trivial_augment", "vit_augment",
-           "warp_mel"]
+           "band_limit", "colour_jitter", "cutmix", "enhance_brightness", "enhance_colour", "enhance_contrast",
+           "freq_shift", "grey", "mix", "mixup", "noise_floor", "random_gain", "settings", "shift_flip", "slaney_hz",
+           "slaney_mel", "spec_augment", "speaker_and_room", "speed_warp", "time_shift", "trivial_augment",
+           "vit_augment", "warp_mel"]
