@@ -179,8 +179,9 @@ class TrainParams(Params):
     patience: int | None = Field(None, ge=0, description="stop a model after this many evaluations without a "
                                  "better val metric; 0: never (default: each model's own, 5)")
     train_minutes: float | None = Field(None, gt=0, description="minutes for all the models' training together, "
-                                        "shared by each one's time in the default run (table `minutes`); a model "
-                                        "that would not fit its share trains fewer steps (default: 15 a model)")
+                                        "shared by each one's time in the default run (table `minutes`), what a "
+                                        "model leaves unused going to the ones after it; a model that would not fit "
+                                        "its share trains fewer steps (default: 15 a model)")
     run_minutes: float | None = Field(None, gt=0, description="minutes for the whole run on this machine: the models "
                                       "train in what is left after the other work (data, evaluation, round trips) "
                                       "would take here, judged by a probe of this machine's training speed (run once "

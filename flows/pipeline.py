@@ -46,6 +46,17 @@ def training_minutes(p: PipelineParams, root: Path) -> float | None:
     return min(minutes, t.train_minutes or minutes)
 
 
+def minutes_left(left: float | None, record: dict, cap: float | None) -> float | None:
+    """The training minutes the models after this one share: `left` less the minutes its training took (its record's
+    `train_seconds`, so a model that finishes under its cap leaves the rest to the later ones, and a cached re-run
+    plans the same caps, hence the same cache keys). A record without the field counts its whole cap; never below
+    1% of `left`, so a later model still gets a cap rather than none."""
+    if left is None:
+        return None
+    spent = record["train_seconds"] / 60 if "train_seconds" in record else (cap or 0.0)
+    return max(left - spent, 0.01 * left)
+
+
 def train_config(model: str, p: PipelineParams, models: list[str] | None = None, minutes: float | None = None):
     """The model's TrainConfig: the table's, the run's flags, then its train_overrides. With training minutes (given,
     else --train-minutes), its time cap is its share of them among `models` (the run's), by each one's minutes in the
@@ -133,13 +144,15 @@ def _train_and_evaluate(params: PipelineParams, models: list[str], prep: Path, c
     of its modality (`counts`: stats.json's items per modality and split): evals[model] is the first set's record
     (`test`), with the others' under "others"."""
     trained, evals = {}, {}
-    for m in models:
+    left = minutes or params.train.train_minutes  # what the models not yet trained share (carried forward)
+    for i, m in enumerate(models):
         needs = {k: Path(cb[k]) for k in [spec(m).codebook] if k}
         source = spec(m).init[0] if spec(m).init and params.train.init_from_trained else None
         init = Path(trained[source]["checkpoint"]) if source in trained else None
+        cfg = train_config(m, params, models[i:], left)
         trained[m] = stages.train_model.with_options(task_run_name=f"train-{m}")(
-            m, prep, needs, train_config(m, params, models, minutes), root, params.train.preset,
-            params.train.model_overrides.get(m), init_from=init, **run)
+            m, prep, needs, cfg, root, params.train.preset, params.train.model_overrides.get(m), init_from=init, **run)
+        left = minutes_left(left, trained[m], cfg.max_minutes)
         sets = [stages.evaluate_model.with_options(task_run_name=f"eval-{m}" + (f"-{s}" if s != "test" else ""))(
             m, Path(trained[m]["checkpoint"]), prep, needs, root, params.eval.max_samples,
             run_id=trained[m]["run_id"], experiment=params.experiment, builtin=params.data.builtin, split=s)

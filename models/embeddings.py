@@ -119,3 +119,32 @@ def sinusoidal(n_pos: int, dim: int, base: float = 10000.0) -> torch.Tensor:
     inv_freq = torch.exp(-math.log(base) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (D/2,)
     angles = pos * inv_freq  # (n_pos, D/2)
     return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(n_pos, dim)  # (n_pos, D), sin/cos interleaved
+
+
+class RowAbove(nn.Module):
+    """The codes of the row above, for a raster of `width` codes generated one at a time: the input at position i
+    (which predicts code i) gets the embeddings of the codes above-left, above and above-right of code i (PixelCNN's
+    causal stencil), so a small model sees its vertical neighbours without learning a jump of `width` positions.
+    Codes outside the raster (first row, first and last column) read a learned `outside` row of each table.
+
+    (codes (B, T) known so far, first position p, n positions) -> (B, n, D) for positions p .. p+n-1 (all < T+1).
+    """
+
+    OFFSETS = (-1, 0, 1)
+
+    def __init__(self, vocab: int, dim: int, width: int, length: int):
+        super().__init__()
+        self.vocab = vocab
+        self.tables = nn.ModuleList(nn.Embedding(vocab + 1, dim) for _ in self.OFFSETS)  # + the outside code
+        pos = torch.arange(length)
+        row, col = pos // width, pos % width
+        off = torch.tensor(self.OFFSETS)
+        idx = pos[:, None] - width + off  # (L, 3): the code above i, and either side of it
+        outside = (row[:, None] == 0) | ((col[:, None] + off) % width != col[:, None] + off)  # first row, or past an edge
+        self.register_buffer("index", idx.masked_fill(outside, -1), persistent=False)  # (L, 3), -1: outside
+
+    def forward(self, codes: torch.Tensor, first: int, n: int) -> torch.Tensor:
+        idx = self.index[first : first + n]  # (n, 3)
+        ext = F.pad(codes, (0, 1), value=self.vocab)  # (B, T + 1): index -1 reads the outside code
+        got = ext[:, idx]  # (B, n, 3)
+        return sum(table(got[..., j]) for j, table in enumerate(self.tables))  # (B, n, D)

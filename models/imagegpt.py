@@ -9,13 +9,14 @@ Default config (512 colours, 32x32 = 1024 tokens, D=128, 6 layers, 4 heads, unco
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.embeddings import sinusoidal
+from models.embeddings import RowAbove, sinusoidal
 from models.transformer import KVCache, Transformer, init_weights, sample_logits
 
 
@@ -29,6 +30,9 @@ class ImageGPTConfig:
     n_heads: int = 4
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    # each input also embeds the codes above-left, above and above-right of the one it predicts (a square raster;
+    # models/embeddings.py RowAbove): the vertical neighbours without a jump of a whole row in attention
+    row_above: bool = False
 
 
 class ImageGPT(nn.Module):
@@ -40,6 +44,10 @@ class ImageGPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.start = nn.Parameter(torch.zeros(1, 1, cfg.dim))  # start-of-image token
         self.class_emb = nn.Embedding(cfg.n_classes, cfg.dim) if cfg.n_classes else None
+        side = math.isqrt(cfg.seq_len)
+        if cfg.row_above and side * side != cfg.seq_len:
+            raise ValueError(f"row_above needs a square raster; seq_len={cfg.seq_len} is not a square")
+        self.above = RowAbove(cfg.vocab_size, cfg.dim, side, cfg.seq_len) if cfg.row_above else None
         self.register_buffer("pos", sinusoidal(cfg.seq_len, cfg.dim), persistent=False)  # (L, D)
         self.drop = nn.Dropout(cfg.dropout)
         self.transformer = Transformer(cfg.dim, cfg.depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, causal=True)
@@ -65,7 +73,7 @@ class ImageGPT(nn.Module):
         if L > self.cfg.seq_len:
             raise ValueError(f"{L} tokens do not fit seq_len={self.cfg.seq_len}")
         x = torch.cat([self._start(B, batch.get("label")), self.tok_emb(tokens[:, :-1])], dim=1)  # (B, L, D)
-        logits = self._step(x, None)  # (B, L, V); logits[:, i] predicts tokens[:, i]
+        logits = self._step(self._with_above(x, tokens, 0), None)  # (B, L, V); logits[:, i] predicts tokens[:, i]
         loss = F.cross_entropy(logits.flatten(0, 1).float(), tokens.flatten())  # over (B*L, V)
         return logits, loss
 
@@ -80,14 +88,21 @@ class ImageGPT(nn.Module):
         device = self.pos.device
         label = None if label is None else label.to(device)
         tokens = torch.zeros(n, 0, dtype=torch.long, device=device) if prompt is None else prompt.to(device)
-        x = torch.cat([self._start(n, label), self.tok_emb(tokens)], dim=1)  # (n, 1 + P, D)
+        if tokens.shape[1] >= self.cfg.seq_len:
+            return tokens[:, : self.cfg.seq_len]
+        x = self._with_above(torch.cat([self._start(n, label), self.tok_emb(tokens)], dim=1), tokens, 0)  # (n, 1+P, D)
         cache = self.transformer.new_cache()
-        while tokens.shape[1] < self.cfg.seq_len:
+        while True:
             logits = self._step(x, cache)[:, -1]  # (n, V)
             nxt = sample_logits(logits, temperature, top_k, generator)  # (n,)
             tokens = torch.cat([tokens, nxt[:, None]], dim=1)  # (n, t + 1)
-            x = self.tok_emb(nxt)[:, None]  # (n, 1, D)
-        return tokens
+            if tokens.shape[1] == self.cfg.seq_len:
+                return tokens
+            x = self._with_above(self.tok_emb(nxt)[:, None], tokens, tokens.shape[1])  # (n, 1, D) for position t + 1
+
+    def _with_above(self, x: torch.Tensor, tokens: torch.Tensor, first: int) -> torch.Tensor:
+        """Inputs (B, T, D) for positions first .. first+T-1, plus the codes above each (row_above), from `tokens`."""
+        return x if self.above is None else x + self.above(tokens, first, x.shape[1])
 
     def flops_per_sample(self, train: bool = True) -> int:
         """Matmul FLOPs for one image of seq_len tokens: the causal stack + the output head (x3 when train)."""

@@ -14,13 +14,14 @@ Default config (bytes -> bytes, D=192, 4 + 4 layers, 3 heads): 4,265,856 paramet
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.embeddings import sinusoidal
+from models.embeddings import RowAbove, sinusoidal
 from models.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 from models.transformer import KVCache, Transformer, init_weights, sample_logits
 
@@ -48,10 +49,15 @@ class Seq2SeqConfig:
     # > 0: the target is a raster of image codes tgt_grid wide, placed by a learned row plus a learned column embedding
     # (DALL-E's) instead of one learned embedding per position: the codes of one column share what places them
     tgt_grid: int = 0
+    # the target is a square raster of image codes, and each decoder input also embeds the codes above-left, above and
+    # above-right of the one it predicts (models/embeddings.py RowAbove; decode then needs the codes so far)
+    tgt_row_above: bool = False
 
     def __post_init__(self):
         if self.tgt_grid and self.tgt_len % self.tgt_grid:
             raise ValueError(f"tgt_grid={self.tgt_grid} must divide tgt_len={self.tgt_len} (a raster of whole rows)")
+        if self.tgt_row_above and math.isqrt(self.tgt_len) ** 2 != self.tgt_len:
+            raise ValueError(f"tgt_row_above needs a square raster; tgt_len={self.tgt_len} is not a square")
 
 
 class MelStem(nn.Module):
@@ -92,6 +98,8 @@ class Seq2Seq(nn.Module):
             self.tgt_col = nn.Parameter(torch.zeros(cfg.tgt_grid, cfg.dim))
         else:
             self.tgt_pos = nn.Parameter(torch.zeros(cfg.tgt_len, cfg.dim))  # learned, (Lt, D)
+        side = math.isqrt(cfg.tgt_len)
+        self.above = RowAbove(cfg.tgt_vocab, cfg.dim, side, cfg.tgt_len) if cfg.tgt_row_above else None
         self.decoder = Transformer(cfg.dim, cfg.dec_depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout,
                                    causal=True, cross=True)
         self.drop = nn.Dropout(cfg.dropout)
@@ -110,12 +118,19 @@ class Seq2Seq(nn.Module):
         x = self.drop(x + self.src_pos[: x.shape[1]])  # (B, S, D)
         return self.encoder(x, key_mask=mask), mask
 
-    def decode(self, tgt_in: torch.Tensor, memory, memory_mask=None, cache: KVCache | None = None):
-        """Decoder inputs (B, T) at positions len(cache)..len(cache)+T-1 -> logits (B, T, tgt_vocab)."""
-        t0 = 0 if cache is None else len(cache)
-        if t0 + tgt_in.shape[1] > self.cfg.tgt_len:
-            raise ValueError(f"target position {t0 + tgt_in.shape[1]} exceeds tgt_len={self.cfg.tgt_len}")
-        x = self.drop(self.tgt_embed(tgt_in) + self.target_positions()[t0 : t0 + tgt_in.shape[1]])  # (B, T, D)
+    def decode(self, tgt_in: torch.Tensor, memory, memory_mask=None, cache: KVCache | None = None,
+               codes: torch.Tensor | None = None):
+        """Decoder inputs (B, T) at positions len(cache)..len(cache)+T-1 -> logits (B, T, tgt_vocab). With
+        tgt_row_above, `codes` (B, >= t0+T-1) are the target codes known so far (the raster the inputs come from)."""
+        t0, T = 0 if cache is None else len(cache), tgt_in.shape[1]
+        if t0 + T > self.cfg.tgt_len:
+            raise ValueError(f"target position {t0 + T} exceeds tgt_len={self.cfg.tgt_len}")
+        x = self.tgt_embed(tgt_in) + self.target_positions()[t0 : t0 + T]  # (B, T, D)
+        if self.above is not None:
+            if codes is None:
+                raise ValueError("tgt_row_above: decode needs the target codes so far (codes=)")
+            x = x + self.above(codes, t0, T)
+        x = self.drop(x)
         x = self.decoder(x, memory=memory, memory_mask=memory_mask, cache=cache)  # (B, T, D)
         return x @ self.tgt_embed.weight.T  # (B, T, V), head tied to the target embedding
 
@@ -129,7 +144,7 @@ class Seq2Seq(nn.Module):
         memory, mask = self.encode(batch["src"])
         tgt = batch["tgt"]  # (B, Lt)
         bos = torch.full_like(tgt[:, :1], self.cfg.bos_id)  # (B, 1)
-        logits = self.decode(torch.cat([bos, tgt[:, :-1]], dim=1), memory, mask)  # (B, Lt, V)
+        logits = self.decode(torch.cat([bos, tgt[:, :-1]], dim=1), memory, mask, codes=tgt)  # (B, Lt, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), tgt.flatten(), ignore_index=self.cfg.pad_id)  # (B*Lt, V)
         return logits, loss
 
@@ -154,7 +169,8 @@ class Seq2Seq(nn.Module):
         done = torch.zeros_like(nxt, dtype=torch.bool)
         out = []
         for _ in range(max_len):
-            logits = self._mask_specials(self.decode(nxt[:, None], memory, mask, cache)[:, -1])  # (B, V)
+            codes = torch.stack(out, dim=1) if out else nxt[:, None][:, :0]  # (B, t) so far
+            logits = self._mask_specials(self.decode(nxt[:, None], memory, mask, cache, codes)[:, -1])  # (B, V)
             nxt = sample_logits(logits, temperature, top_k, generator)  # (B,)
             nxt = torch.where(done, torch.full_like(nxt, fill), nxt)
             out.append(nxt)

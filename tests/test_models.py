@@ -33,6 +33,7 @@ from models import (
     sample_logits,
     text_to_image_config,
 )
+from models.embeddings import RowAbove
 from models.tts import TTS, TTSConfig, monotonic_alignment
 
 @pytest.fixture(autouse=True, scope="module")
@@ -57,9 +58,12 @@ TINY = {
     "ast": (AST, ASTConfig(n_mels=32, n_frames=40, patch_size=8, fstride=6, tstride=6, n_classes=5, depth=2, **SMALL)),
     "imagegpt": (ImageGPT, ImageGPTConfig(vocab_size=16, seq_len=24, depth=2, **SMALL)),
     "imagegpt_cond": (ImageGPT, ImageGPTConfig(vocab_size=16, seq_len=24, n_classes=3, depth=2, **SMALL)),
+    "imagegpt_above": (ImageGPT, ImageGPTConfig(vocab_size=16, seq_len=25, row_above=True, depth=2, **SMALL)),
     "audio_to_text": (Seq2Seq, audio_to_text_config(n_mels=16, n_frames=24, tgt_len=20, **S2S)),
     "text_to_image": (Seq2Seq, text_to_image_config(n_codes=16, n_tokens=12, src_len=24, **S2S)),
     "text_to_image_grid": (Seq2Seq, text_to_image_config(n_codes=16, n_tokens=12, src_len=24, tgt_grid=4, **S2S)),
+    "text_to_image_above": (Seq2Seq, text_to_image_config(n_codes=16, n_tokens=16, src_len=24, tgt_row_above=True,
+                                                          **S2S)),
     "tts": (TTS, TTSConfig(n_mels=16, n_frames=24, src_len=24, voice_dim=4, align="mas", **S2S)),
     "clip": (CLIP, CLIPConfig(img_size=16, patch_size=4, **CLIP_SMALL)),
     "clip_bidir": (CLIP, CLIPConfig(img_size=16, patch_size=4, text_causal=False, **CLIP_SMALL)),
@@ -203,6 +207,30 @@ def test_image_targets_placed_by_row_and_column():
         text_to_image_config(n_codes=16, n_tokens=12, tgt_grid=5)
 
 
+def test_image_codes_read_the_row_above():
+    """RowAbove (ImageGPT row_above, Seq2Seq tgt_row_above): the input at position i embeds the codes above-left,
+    above and above-right of code i in a raster 5 wide, the outside code past the first row and the edges; the
+    code at position 7 reaches the inputs of exactly the three below it; a raster that is not square is refused."""
+    stencil = RowAbove(vocab=16, dim=8, width=5, length=25)
+    assert stencil.index[7].tolist() == [1, 2, 3]  # row 1, column 2
+    assert stencil.index[5].tolist() == [-1, 0, 1] and stencil.index[9].tolist() == [3, 4, -1]  # the edges
+    assert stencil.index[:5].eq(-1).all()  # the first row has nothing above it
+    model, cfg = build("imagegpt_above")
+    toks = make_batch(cfg, B=1)["tokens"]
+    changed = toks.clone()
+    changed[0, 7] = (changed[0, 7] + 1) % cfg.vocab_size  # above-right of 11, above 12, above-left of 13
+    moved = (model.above(toks, 0, 25) - model.above(changed, 0, 25)).abs().sum(-1)[0]  # (25,)
+    assert moved.nonzero().flatten().tolist() == [11, 12, 13]
+    seq, _ = build("text_to_image_above")
+    assert seq.above is not None and build("text_to_image")[0].above is None
+    with pytest.raises(ValueError, match="square"):
+        ImageGPT(ImageGPTConfig(vocab_size=16, seq_len=24, row_above=True, **SMALL))
+    with pytest.raises(ValueError, match="square"):
+        text_to_image_config(n_codes=16, n_tokens=12, tgt_row_above=True)
+    with pytest.raises(ValueError, match="codes="):
+        seq.decode(torch.zeros(1, 1, dtype=torch.long), *seq.encode(TOK.batch_encode(CAPTIONS[:1], 24)))
+
+
 def test_seq2seq_source_padding_is_masked():
     model, cfg = build("text_to_image")
     tgt = make_batch(cfg, B=2)["tgt"]
@@ -213,21 +241,21 @@ def test_seq2seq_source_padding_is_masked():
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # PAD keys are never attended to
 
 
-@pytest.mark.parametrize("name", ["imagegpt", "imagegpt_cond"])
+@pytest.mark.parametrize("name", ["imagegpt", "imagegpt_cond", "imagegpt_above"])
 def test_imagegpt_cache_matches_full_forward(name):
     model, cfg = build(name)
     batch = make_batch(cfg, B=2)
     full = model(batch)[0]  # (B, L, V)
-    cache = model.transformer.new_cache()
-    x = torch.cat([model._start(2, batch.get("label")), model.tok_emb(batch["tokens"][:, :5])], dim=1)
-    steps = [model._step(x, cache)]  # a prefill of 6 positions, a chunk of 4 after them, then one at a time
-    steps.append(model._step(model.tok_emb(batch["tokens"][:, 5:9]), cache))
+    cache, toks = model.transformer.new_cache(), batch["tokens"]
+    x = torch.cat([model._start(2, batch.get("label")), model.tok_emb(toks[:, :5])], dim=1)
+    steps = [model._step(model._with_above(x, toks, 0), cache)]  # a prefill of 6 positions, a chunk of 4, then 1s
+    steps.append(model._step(model._with_above(model.tok_emb(toks[:, 5:9]), toks, 6), cache))
     for t in range(9, cfg.seq_len - 1):
-        steps.append(model._step(model.tok_emb(batch["tokens"][:, t : t + 1]), cache))
+        steps.append(model._step(model._with_above(model.tok_emb(toks[:, t : t + 1]), toks, t + 1), cache))
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["imagegpt", "imagegpt_cond"])
+@pytest.mark.parametrize("name", ["imagegpt", "imagegpt_cond", "imagegpt_above"])
 def test_imagegpt_greedy_generate_equals_uncached_argmax(name):
     model, cfg = build(name)
     label = torch.tensor([0, 2]) if cfg.n_classes else None
@@ -247,20 +275,21 @@ def test_imagegpt_greedy_generate_equals_uncached_argmax(name):
     assert sampled.shape == (2, cfg.seq_len) and 0 <= sampled.min() and sampled.max() < cfg.vocab_size
 
 
-@pytest.mark.parametrize("name", ["audio_to_text", "text_to_image", "text_to_image_grid"])
+@pytest.mark.parametrize("name", ["audio_to_text", "text_to_image", "text_to_image_grid", "text_to_image_above"])
 def test_seq2seq_cache_matches_full_decode(name):
     model, cfg = build(name)
     batch = make_batch(cfg, B=2)
     memory, mask = model.encode(batch["src"])
     tgt_in = torch.cat([torch.full((2, 1), cfg.bos_id), batch["tgt"][:, :-1]], dim=1)
-    full = model.decode(tgt_in, memory, mask)
+    full = model.decode(tgt_in, memory, mask, codes=batch["tgt"])
     cache = model.decoder.new_cache()
-    steps = [model.decode(tgt_in[:, t : t + 1], memory, mask, cache) for t in range(tgt_in.shape[1])]
+    steps = [model.decode(tgt_in[:, t : t + 1], memory, mask, cache, batch["tgt"][:, :t])
+             for t in range(tgt_in.shape[1])]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
     assert cache.layers[0]["cross"]["k"].shape == (2, 2, memory.shape[1], 16)  # computed once, (B, nh, S, hs)
 
 
-@pytest.mark.parametrize("name", ["audio_to_text", "text_to_image", "text_to_image_grid"])
+@pytest.mark.parametrize("name", ["audio_to_text", "text_to_image", "text_to_image_grid", "text_to_image_above"])
 def test_seq2seq_greedy_generate_equals_uncached_argmax(name):
     model, cfg = build(name)
     src = make_batch(cfg, B=3)["src"]
@@ -269,7 +298,7 @@ def test_seq2seq_greedy_generate_equals_uncached_argmax(name):
     done = torch.zeros(3, dtype=torch.bool)
     fill = cfg.pad_id if cfg.pad_id >= 0 else cfg.eos_id
     for _ in range(cfg.tgt_len):  # uncached reference, same rules: never BOS/PAD, pad after EOS
-        logits = model.decode(toks, memory, mask)[:, -1]
+        logits = model.decode(toks, memory, mask, codes=toks[:, 1:])[:, -1]
         logits[:, [i for i in (cfg.bos_id, cfg.pad_id) if i >= 0]] = float("-inf")
         nxt = torch.where(done, torch.tensor(fill), logits.argmax(-1))
         toks = torch.cat([toks, nxt[:, None]], dim=1)

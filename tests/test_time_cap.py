@@ -182,3 +182,46 @@ def test_the_probe_times_training_steps_and_leaves_the_random_state(monkeypatch)
     torch.manual_seed(1)
     seconds = budget.probe_seconds(precision="fp32")
     assert seconds > 0 and torch.equal(torch.rand(3), first)
+
+
+def test_minutes_a_model_leaves_unused_go_to_the_models_after_it(tmp_path, monkeypatch):
+    """The pipeline's training loop: each model's cap is its share of what the earlier models left (their records'
+    train_seconds), so one that finishes under its cap gives the rest to the later ones and the caps still add up to
+    the run's minutes; the same records (a cached re-run) plan the same caps."""
+    import flows.pipeline as pipeline
+
+    models = ["vit", "ast", "t2i"]
+    spent = {"vit": 0.5, "ast": None, "t2i": None}  # minutes each takes; None: all of its cap
+
+    def planned_caps() -> dict[str, float]:
+        caps = {}
+
+        class Task:
+            def __init__(self, fn):
+                self.fn = fn
+
+            def with_options(self, **_):
+                return self.fn
+
+        def train(m, prep, needs, cfg, *args, **kw):
+            caps[m] = cfg.max_minutes
+            return {"checkpoint": str(tmp_path / f"{m}.pt"), "run_id": m,
+                    "train_seconds": 60 * (spent[m] or cfg.max_minutes)}
+
+        monkeypatch.setattr(pipeline.stages, "train_model", Task(train))
+        monkeypatch.setattr(pipeline.stages, "evaluate_model", Task(lambda *a, **kw: {"metrics": {}}))
+        pipeline._train_and_evaluate(PipelineParams(), models, tmp_path, {}, {"image": "x", "pixels": "y"}, tmp_path,
+                                     {}, minutes=10.0)
+        return caps
+
+    caps = planned_caps()
+    total = sum(MODELS[m].minutes for m in models)
+    assert caps["vit"] == pytest.approx(10 * MODELS["vit"].minutes / total)
+    rest = MODELS["ast"].minutes + MODELS["t2i"].minutes
+    assert caps["ast"] == pytest.approx((10 - 0.5) * MODELS["ast"].minutes / rest)  # more than its plain share
+    assert caps["ast"] > 10 * MODELS["ast"].minutes / total
+    assert 0.5 + caps["ast"] + caps["t2i"] == pytest.approx(10)
+    assert planned_caps() == caps
+    assert pipeline.minutes_left(10.0, {}, 4.0) == 6.0  # a record without train_seconds took its whole cap
+    assert pipeline.minutes_left(10.0, {"train_seconds": 900}, 4.0) == pytest.approx(0.1)  # overran: 1% is left
+    assert pipeline.minutes_left(None, {"train_seconds": 60}, None) is None  # no minutes: no caps
