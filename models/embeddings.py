@@ -121,6 +121,14 @@ def sinusoidal(n_pos: int, dim: int, base: float = 10000.0) -> torch.Tensor:
     return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(n_pos, dim)  # (n_pos, D), sin/cos interleaved
 
 
+def raster_side(length: int, what: str) -> int:
+    """The side of a square raster of `length` codes; a length that is not a square is refused, naming `what`."""
+    side = math.isqrt(length)
+    if side * side != length:
+        raise ValueError(f"{what} needs a square raster of codes; {length} is not a square")
+    return side
+
+
 class RowAbove(nn.Module):
     """The codes of the row above, for a raster of `width` codes generated one at a time: the input at position i
     (which predicts code i) gets the embeddings of the codes above-left, above and above-right of code i (PixelCNN's

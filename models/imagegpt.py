@@ -9,14 +9,13 @@ Default config (512 colours, 32x32 = 1024 tokens, D=128, 6 layers, 4 heads, unco
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.embeddings import RowAbove, sinusoidal
+from models.embeddings import RowAbove, raster_side, sinusoidal
 from models.transformer import KVCache, Transformer, init_weights, sample_logits
 
 
@@ -44,10 +43,8 @@ class ImageGPT(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.start = nn.Parameter(torch.zeros(1, 1, cfg.dim))  # start-of-image token
         self.class_emb = nn.Embedding(cfg.n_classes, cfg.dim) if cfg.n_classes else None
-        side = math.isqrt(cfg.seq_len)
-        if cfg.row_above and side * side != cfg.seq_len:
-            raise ValueError(f"row_above needs a square raster; seq_len={cfg.seq_len} is not a square")
-        self.above = RowAbove(cfg.vocab_size, cfg.dim, side, cfg.seq_len) if cfg.row_above else None
+        self.above = (RowAbove(cfg.vocab_size, cfg.dim, raster_side(cfg.seq_len, "row_above"), cfg.seq_len)
+                      if cfg.row_above else None)
         self.register_buffer("pos", sinusoidal(cfg.seq_len, cfg.dim), persistent=False)  # (L, D)
         self.drop = nn.Dropout(cfg.dropout)
         self.transformer = Transformer(cfg.dim, cfg.depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, causal=True)

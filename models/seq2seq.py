@@ -14,14 +14,13 @@ Default config (bytes -> bytes, D=192, 4 + 4 layers, 3 heads): 4,265,856 paramet
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.embeddings import RowAbove, sinusoidal
+from models.embeddings import RowAbove, raster_side, sinusoidal
 from models.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 from models.transformer import KVCache, Transformer, init_weights, sample_logits
 
@@ -56,8 +55,8 @@ class Seq2SeqConfig:
     def __post_init__(self):
         if self.tgt_grid and self.tgt_len % self.tgt_grid:
             raise ValueError(f"tgt_grid={self.tgt_grid} must divide tgt_len={self.tgt_len} (a raster of whole rows)")
-        if self.tgt_row_above and math.isqrt(self.tgt_len) ** 2 != self.tgt_len:
-            raise ValueError(f"tgt_row_above needs a square raster; tgt_len={self.tgt_len} is not a square")
+        if self.tgt_row_above:
+            raster_side(self.tgt_len, "tgt_row_above")
 
 
 class MelStem(nn.Module):
@@ -98,8 +97,8 @@ class Seq2Seq(nn.Module):
             self.tgt_col = nn.Parameter(torch.zeros(cfg.tgt_grid, cfg.dim))
         else:
             self.tgt_pos = nn.Parameter(torch.zeros(cfg.tgt_len, cfg.dim))  # learned, (Lt, D)
-        side = math.isqrt(cfg.tgt_len)
-        self.above = RowAbove(cfg.tgt_vocab, cfg.dim, side, cfg.tgt_len) if cfg.tgt_row_above else None
+        self.above = (RowAbove(cfg.tgt_vocab, cfg.dim, raster_side(cfg.tgt_len, "tgt_row_above"), cfg.tgt_len)
+                      if cfg.tgt_row_above else None)
         self.decoder = Transformer(cfg.dim, cfg.dec_depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout,
                                    causal=True, cross=True)
         self.drop = nn.Dropout(cfg.dropout)
@@ -167,17 +166,16 @@ class Seq2Seq(nn.Module):
         fill = self.cfg.pad_id if self.cfg.pad_id >= 0 else self.cfg.eos_id
         nxt = torch.full((src.shape[0],), self.cfg.bos_id, dtype=torch.long, device=memory.device)  # (B,)
         done = torch.zeros_like(nxt, dtype=torch.bool)
-        out = []
+        out = nxt[:, None][:, :0]  # (B, t): the tokens so far
         for _ in range(max_len):
-            codes = torch.stack(out, dim=1) if out else nxt[:, None][:, :0]  # (B, t) so far
-            logits = self._mask_specials(self.decode(nxt[:, None], memory, mask, cache, codes)[:, -1])  # (B, V)
+            logits = self._mask_specials(self.decode(nxt[:, None], memory, mask, cache, out)[:, -1])  # (B, V)
             nxt = sample_logits(logits, temperature, top_k, generator)  # (B,)
             nxt = torch.where(done, torch.full_like(nxt, fill), nxt)
-            out.append(nxt)
+            out = torch.cat([out, nxt[:, None]], dim=1)
             done = done | (nxt == self.cfg.eos_id)
             if self.cfg.eos_id >= 0 and bool(done.all()):
                 break
-        return torch.stack(out, dim=1)  # (B, T)
+        return out  # (B, T)
 
     def flops_per_sample(self, train: bool = True) -> int:
         """Matmul FLOPs for one (source, target) pair at the configured lengths (x3 when train):

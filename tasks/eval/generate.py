@@ -93,19 +93,17 @@ def sample_seq2seq(model, src: torch.Tensor, how: Sampling = Sampling(),
     memory, mask = model.encode(src)  # (B or 2B, Ls, D)
     cache = model.decoder.new_cache()
     nxt = torch.full((src.shape[0],), cfg.bos_id, dtype=torch.long, device=src.device)  # (B or 2B,)
-    out = []
+    out = nxt[:, None][:, :0]  # (B or 2B, t): the codes so far (guided: each row's twice)
     for _ in range(cfg.tgt_len):
-        codes = torch.stack(out, dim=1) if out else nxt[:B, None][:, :0]  # (B, t) so far
-        codes = torch.cat([codes, codes]) if guided else codes  # (B or 2B, t)
-        logits = model.decode(nxt[:, None], memory, mask, cache, codes)[:, -1].float()  # (B or 2B, V)
+        logits = model.decode(nxt[:, None], memory, mask, cache, out)[:, -1].float()  # (B or 2B, V)
         if guided:
             cond, uncond = logits[:B], logits[B:]
             logits = uncond + how.guidance * (cond - uncond)  # (B, V)
         logits[:, cfg.bos_id] = float("-inf")
         tok = sample_logits(logits, how.temperature, how.top_k, generator)  # (B,)
-        out.append(tok)
         nxt = torch.cat([tok, tok]) if guided else tok
-    return torch.stack(out, dim=1)  # (B, tgt_len)
+        out = torch.cat([out, nxt[:, None]], dim=1)
+    return out[:B]  # (B, tgt_len)
 
 
 @torch.no_grad()
