@@ -274,6 +274,13 @@ def test_roundtrip_t2i(world):
     assert m["seen_shape_recovered"] == 1.0 and m["vit_top1_probability"] == pytest.approx(1 / 6)
     assert 0.0 <= m["colour_recovered"] <= 1.0 and m["pair_recovered"] <= m["colour_recovered"]
     assert "roundtrip_t2i.png" in res["artifacts"]
+    # the ceiling: the same ViT (circle, always) on the real test images through the codebook, seen and held-out apart
+    rows = split_rows(world, "image")
+    held = [BUILTIN.is_heldout(r["meta"]) for r in rows]
+    for prefix, keep in (("", [True] * len(rows)), ("seen_", [not h for h in held]), ("heldout_", held)):
+        circles = [r["meta"]["shape"] == "circle" for r, k in zip(rows, keep) if k]
+        assert m.get(f"{prefix}shape_ceiling") == (sum(circles) / len(circles) if circles else None)
+    assert "A perfect generator would score seen shape" in (out / "summary.md").read_text()
     assert sorted(a for a in res["artifacts"] if a.startswith("grids/")) == [
         "grids/a_blue_triangle.png", "grids/a_green_circle.png", "grids/a_red_circle.png", "grids/an_orange_star.png"]
     assert "](grids/a_red_circle.png)" in (out / "summary.md").read_text()
