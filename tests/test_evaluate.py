@@ -286,6 +286,34 @@ def test_roundtrip_t2i(world):
     assert "](grids/a_red_circle.png)" in (out / "summary.md").read_text()
 
 
+def test_the_t2i_ceiling_reads_real_test_images_through_the_codebook():
+    """codebook_ceiling judges the real test images as the generator could draw them: a judge that names "circle" an
+    image with an edge in it and "square" a flat one reads two drawn circles (seen) and a blue triangle (held out)
+    through a grey-and-white codebook as circles, but through a one-code (grey) codebook they come out flat."""
+    from types import SimpleNamespace
+
+    from models.vq import Codebook
+
+    img = np.full((3, 8, 8), 128.0, dtype=np.float32)
+    img[:, :4, :4] = 255.0  # a white 4x4 patch on grey: exactly one of the four patches
+    test = [{"img": img, "info": {"meta": {"shape": s, "colour": c}}}
+            for s, c in (("circle", "red"), ("circle", "green"), ("triangle", "blue"))]
+
+    def judge(batch):  # -> logits over ("circle", "square", "triangle"): an edge -> circle, flat -> square
+        edged = (batch["image"].flatten(1).std(1) > 1e-3).float()
+        return (torch.stack([edged, 1 - edged, torch.zeros_like(edged)], 1),)
+
+    vctx = SimpleNamespace(mean=0.0, std=1.0,
+                           data=SimpleNamespace(modality=lambda m: {"classes": ["circle", "square", "triangle"]}))
+    got = {}
+    for name, values in (("grey", [128.0]), ("grey and white", [128.0, 255.0])):
+        code = SimpleNamespace(codebook=Codebook.from_codes(torch.tensor(values)[:, None].expand(-1, 48)), patch=4)
+        tctx = SimpleNamespace(data=SimpleNamespace(codebook=lambda kind, c=code: c, image_size=8))
+        m = roundtrip.codebook_ceiling(test, tctx, judge, vctx, BUILTIN)
+        got[name] = (m["shape_ceiling"], m["seen_shape_ceiling"], m["heldout_shape_ceiling"])
+    assert got == {"grey": (0.0, 0.0, 0.0), "grey and white": (pytest.approx(2 / 3), 1.0, 0.0)}
+
+
 def test_a_clip_started_from_the_judge_does_not_rerank_what_the_judge_reads(world, tmp_path):
     """A CLIP whose stem started from the judging ViT would pick the samples that ViT reads as asked (the default
     run's: seen shape 0.70 by that ViT, 0.54 by one trained apart), so the round trip draws one candidate an image and
