@@ -115,18 +115,23 @@ def generate_images(model, ctx: BatchContext, captions: list[str], how: Sampling
     With how.rerank = n > 1 and a scorer ((captions, pixels (M, 3, S, S)) -> (M,) scores, e.g. clip_scorer), n
     candidates are drawn per caption and the highest-scoring one kept; without a scorer, one is drawn per caption."""
     n = how.rerank if scorer is not None else 1
-    codes, size = ctx.data.codebook("image"), ctx.data.image_size
     out = []
     for i in range(0, len(captions), batch_size):
         chunk = [c for c in captions[i : i + batch_size] for _ in range(n)]  # each caption n times in a row
         src = TOKENIZER.batch_encode(chunk, model.cfg.src_len)  # (b * n, Ls)
         tokens = torch.cat([sample_seq2seq(model, s, how, generator) for s in src.split(batch_size)])  # (b*n, L)
-        pixels = tokens_to_image(codes.codebook, tokens, codes.patch, size, size).clamp(0, 255)  # (b*n, 3, S, S)
+        pixels = t2i_pixels(ctx, tokens)  # (b*n, 3, S, S)
         if n > 1:
             best = scorer(chunk, pixels).view(-1, n).argmax(-1)  # (b,) the best candidate of each caption
             pixels = pixels.view(-1, n, *pixels.shape[1:])[torch.arange(len(best)), best]  # (b, 3, S, S)
         out.append(pixels)
     return torch.cat(out)  # (N, 3, S, S)
+
+
+def t2i_pixels(ctx: BatchContext, tokens: torch.Tensor) -> torch.Tensor:
+    """Text-to-image codes (N, (S/P)^2) in raster order -> pixels (N, 3, S, S) in 0..255, through the image codebook."""
+    codes, size = ctx.data.codebook("image"), ctx.data.image_size
+    return tokens_to_image(codes.codebook, tokens, codes.patch, size, size).clamp(0, 255)
 
 
 def clip_scorer(clip, cctx: BatchContext, batch_size: int = 64) -> Callable[[list[str], torch.Tensor], torch.Tensor]:

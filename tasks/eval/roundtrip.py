@@ -20,21 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
-from models.vq import image_to_tokens, tokens_to_image
 from tasks.data.builtin.synthetic import BACKGROUNDS
 from tasks.data.builtin.vocab import COLOURS, Vocabulary
 from tasks.eval import audio_out
 from tasks.eval.evaluate import (BATCH_SIZE, N_EXAMPLES, N_SHOW, SEED, Run, amp, load_model, transcribe, zero_shot,
                                  zero_shot_classifiers)
 from tasks.eval.generate import (IMAGEGPT_SAMPLING, T2I_SAMPLING, Sampling, clip_scorer, complete_images,
-                                 generate_images, imagegpt_pixels, imagegpt_tokens)
+                                 generate_images, imagegpt_pixels, imagegpt_tokens, t2i_pixels)
 from tasks.eval.metrics import cer, wer
 from tasks.eval.report import finish, image_grid, table
 from tasks.infra.checkpoint import load_checkpoint
 from tasks.infra.common import atomic_dir
+from tasks.train.batches import image_codes, pixels as sample_pixels
 from tasks.train.table import spec
 
 
@@ -198,10 +197,7 @@ def codebook_ceiling(test: list[dict], tctx, vit, vctx, vocab: Vocabulary) -> di
     "seen_shape_ceiling", "heldout_shape_ceiling"} (a subset with no images is left out). Measured on the built-in set
     (2026-12-02, seven ViTs trained apart, their mean): seen 0.83, held-out 0.65 through the k=256 codebook, against
     0.95 / 0.83 on the real images: the ViTs read held-out pairs worse too, having never seen them."""
-    codes, size = tctx.data.codebook("image"), tctx.data.image_size
-    real = torch.from_numpy(np.stack([t["img"] for t in test])).float()  # (M, 3, S, S) 0..255
-    coded = tokens_to_image(codes.codebook, image_to_tokens(codes.codebook, real, codes.patch), codes.patch, size,
-                            size).clamp(0, 255)  # (M, 3, S, S)
+    coded = t2i_pixels(tctx, image_codes(tctx, sample_pixels(test)))  # (M, 3, S, S)
     metas = [t["info"].get("meta") or {} for t in test]
     rates = subset_rates({"shape": _judge_images(coded, vit, vctx, None, None, vocab)["shape"]},
                          {"shape": [vocab.truth(m)["shape"] for m in metas]}, [vocab.is_heldout(m) for m in metas])
@@ -275,7 +271,7 @@ def roundtrip_imagegpt(imagegpt_ckpt: Path, classifier_ckpt: Path, prep_dir: Pat
                "coherent_confident_share": sum(a and b for a, b in zip(coherent, confident)) / samples,
                "shapes_covered": float(len(covered))}
     test = Run(name, gpt, ctx, "test", completions, Path(out_dir)).first()
-    real = torch.from_numpy(np.stack([t["img"] for t in test])).float()  # (M, 3, S, S) 0..255
+    real = sample_pixels(test)  # (M, 3, S, S) 0..255
     truth = [vocab.truth(t["info"].get("meta") or {})["shape"] for t in test]
     half = math.isqrt(gpt.cfg.seq_len) // 2
     with amp():

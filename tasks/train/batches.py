@@ -238,10 +238,15 @@ def drop_captions(samples: list[dict], share: float) -> list[dict]:
     return [{**s, "info": {**s["info"], "text": ""}} if d else s for s, d in zip(samples, drop)]
 
 
-def t2i_batch(samples, ctx):
+def image_codes(ctx, images: torch.Tensor) -> torch.Tensor:
+    """Pixels (B, 3, S, S) 0..255 -> the image codebook's codes (B, (S/P)^2) in raster order (text-to-image's)."""
     codes = ctx.data.codebook("image")
-    tgt = image_to_tokens(codes.codebook, pixels(samples), codes.patch)  # (B, (S/P)^2) in raster order
-    return {"src": texts(drop_captions(samples, T2I_CAPTION_DROPOUT), ctx.cfg.src_len), "tgt": tgt}
+    return image_to_tokens(codes.codebook, images, codes.patch)
+
+
+def t2i_batch(samples, ctx):
+    return {"src": texts(drop_captions(samples, T2I_CAPTION_DROPOUT), ctx.cfg.src_len),
+            "tgt": image_codes(ctx, pixels(samples))}
 
 
 SPEAKER_KEYS = ("speaker", "voice")  # metadata naming who speaks a clip: --name-pattern's {speaker}, the built-in voice
