@@ -31,7 +31,8 @@ class DataParams(Params):
         "(s3://bucket/prefix, gs://..., file://..., memory://...); default: the output root",
     )
     # built-in dataset (used when no user source is given)
-    size: int = Field(2000, ge=8, description="built-in dataset: number of images (audio clips: half of it)")
+    size: int = Field(8000, ge=8, description="built-in dataset: number of images (audio clips: half of it, at most "
+                      "1,000)")
     seed: int = Field(0, description="built-in dataset seed")
     image_size: int = Field(32, ge=8, description="image side in pixels (built-in and preprocessed)")
     # user data
@@ -187,9 +188,14 @@ class TrainParams(Params):
                                       "would take here, judged by a probe of this machine's training speed (run once "
                                       "per output root, kept in ROOT/machine.json) and shared as --train-minutes; "
                                       "make run passes 19.5")
+    lanes: int | None = Field(None, ge=1, description="models that train side by side, each in its own lane with "
+                              "the whole of --train-minutes; default: on a CPU one a core (each trains on one "
+                              "thread), on a GPU one. Lanes share torch's random state: --lanes 1 for a run that "
+                              "repeats bit for bit")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (a GPU if there is one), cpu or cuda")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto (bf16 where the device computes "
-                                                       "it faster), bf16 or fp32")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto (bf16 where the model's own "
+                                                       "training step runs faster, timed before training), bf16 or "
+                                                       "fp32")
     compile: bool = Field(False, description="torch.compile the training step")
     init_from_trained: bool = Field(True, description="start CLIP's image-tower stem from the trained ViT; "
                                     "off: CLIP from scratch")

@@ -2,14 +2,18 @@
 -> summary.
 
 One MLflow parent run per flow run (tagged with the Prefect flow-run id); every stage and model reports in a
-nested run under it. Independent models could run concurrently (`.submit`); on a 2-core CPU one at a time is
-faster, so they run in order here. A model that starts from another (model table `init`: CLIP's image tower from the
-trained ViT's stem) trains after it, and its cache key includes that checkpoint.
+nested run under it. The models train in lanes side by side, one a CPU core (`lanes`): each trains on one thread, and
+two trainings on a two-core machine each keep ~97% of their speed alone. A model that starts from another (model
+table `init`: CLIP's image tower from the trained ViT's stem) trains after it in its lane, and its cache key includes
+that checkpoint.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prefect import flow, runtime
@@ -17,17 +21,18 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.data import data_flow
 from flows.deploy import start_flow_run, train_slot_watch
-from flows.params import PipelineParams
+from flows.params import PipelineParams, TrainParams
 from tasks import stages
 from tasks.infra import tracking
 from tasks.data.codebook import CodebookConfig
 from tasks.data.shards import test_sets
 from tasks.eval.registry import Registration
 from tasks.index import IndexConfig
+from tasks.infra.hardware import cpu_threads, pick_device
 from tasks.train.batches import CODEBOOKS
 from tasks.train.budget import machine_slowdown, run_training_minutes
 from tasks.train.table import plan, spec, with_role
-from tasks.train.trainer import default_train_config
+from tasks.train.trainer import TrainConfig, default_train_config
 
 
 def training_minutes(p: PipelineParams, root: Path) -> float | None:
@@ -138,27 +143,71 @@ def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None,
     return "\n".join(lines)
 
 
+def lane_count(t: TrainParams) -> int:
+    """--lanes, else on a CPU one lane a core (a model trains on TrainConfig.cpu_threads threads, one), on a GPU one."""
+    if t.lanes:
+        return t.lanes
+    if pick_device(t.device).type != "cpu":
+        return 1
+    return max(1, (os.cpu_count() or 1) // max(TrainConfig.cpu_threads, 1))
+
+
+def lanes(models: list[str], n: int) -> list[list[str]]:
+    """The models (in training order) split into at most n lanes that train side by side: a model another starts from
+    (table `init`) and that one share a lane; the groups go, longest first (table `minutes`), to the lane with the
+    fewest minutes so far; each lane keeps the training order."""
+    groups: list[list[str]] = []
+    for m in models:
+        source = spec(m).init[0] if spec(m).init else None
+        group = next((g for g in groups if source in g), None)
+        group.append(m) if group is not None else groups.append([m])
+    load, out = [0.0] * max(1, min(n, len(groups))), []
+    out = [[] for _ in load]
+    for group in sorted(groups, key=lambda g: -sum(spec(m).minutes for m in g)):
+        i = load.index(min(load))
+        out[i] += group
+        load[i] += sum(spec(m).minutes for m in group)
+    return [[m for m in models if m in lane] for lane in out if lane]
+
+
 def _train_and_evaluate(params: PipelineParams, models: list[str], prep: Path, counts: dict, cb: dict, root: Path,
                         run: dict, minutes: float | None = None) -> tuple[dict, dict]:
     """Train each model (a model that starts from another after it: table `init`), then evaluate it on each test set
     of its modality (`counts`: stats.json's items per modality and split): evals[model] is the first set's record
-    (`test`), with the others' under "others"."""
-    trained, evals = {}, {}
-    left = minutes or params.train.train_minutes  # what the models not yet trained share (carried forward)
-    for i, m in enumerate(models):
-        needs = {k: Path(cb[k]) for k in [spec(m).codebook] if k}
-        source = spec(m).init[0] if spec(m).init and params.train.init_from_trained else None
-        init = Path(trained[source]["checkpoint"]) if source in trained else None
-        cfg = train_config(m, params, models[i:], left)
-        trained[m] = stages.train_model.with_options(task_run_name=f"train-{m}")(
-            m, prep, needs, cfg, root, params.train.preset, params.train.model_overrides.get(m), init_from=init, **run)
-        left = minutes_left(left, trained[m], cfg.max_minutes)
-        sets = [stages.evaluate_model.with_options(task_run_name=f"eval-{m}" + (f"-{s}" if s != "test" else ""))(
-            m, Path(trained[m]["checkpoint"]), prep, needs, root, params.eval.max_samples,
-            run_id=trained[m]["run_id"], experiment=params.experiment, builtin=params.data.builtin, split=s)
-            for s in test_sets(counts.get(spec(m).modality, {})) or ["test"]]
-        evals[m] = {**sets[0], "others": {r["split"]: r["metrics"] for r in sets[1:]}}
-    return trained, evals
+    (`test`), with the others' under "others". The models train in lanes side by side (`lanes`, threads: a training
+    step releases the GIL); each lane shares the whole of the training minutes among its own models."""
+
+    def lane(ms: list[str]) -> tuple[dict, dict]:
+        trained, evals = {}, {}
+        left = minutes or params.train.train_minutes  # what the lane's models not yet trained share (carried forward)
+        for i, m in enumerate(ms):
+            needs = {k: Path(cb[k]) for k in [spec(m).codebook] if k}
+            source = spec(m).init[0] if spec(m).init and params.train.init_from_trained else None
+            init = Path(trained[source]["checkpoint"]) if source in trained else None
+            cfg = train_config(m, params, ms[i:], left)
+            trained[m] = stages.train_model.with_options(task_run_name=f"train-{m}")(
+                m, prep, needs, cfg, root, params.train.preset, params.train.model_overrides.get(m), init_from=init,
+                **run)
+            left = minutes_left(left, trained[m], cfg.max_minutes)
+            sets = [stages.evaluate_model.with_options(task_run_name=f"eval-{m}" + (f"-{s}" if s != "test" else ""))(
+                m, Path(trained[m]["checkpoint"]), prep, needs, root, params.eval.max_samples,
+                run_id=trained[m]["run_id"], experiment=params.experiment, builtin=params.data.builtin, split=s)
+                for s in test_sets(counts.get(spec(m).modality, {})) or ["test"]]
+            evals[m] = {**sets[0], "others": {r["split"]: r["metrics"] for r in sets[1:]}}
+        return trained, evals
+
+    groups = lanes(models, lane_count(params.train))
+    if len(groups) == 1:
+        results = [lane(groups[0])]
+    else:
+        print(f"training in {len(groups)} lanes side by side: " + " | ".join(", ".join(g) for g in groups))
+        # one torch thread each, and none restored to more while the other lane trains (hardware.cpu_threads)
+        with cpu_threads(1), ThreadPoolExecutor(len(groups), thread_name_prefix="lane") as pool:
+            futures = [pool.submit(contextvars.copy_context().run, lane, g) for g in groups]  # Prefect's context too
+            results = [f.result() for f in futures]
+    trained = {m: r for t, _ in results for m, r in t.items()}
+    evals = {m: r for _, e in results for m, r in e.items()}
+    return {m: trained[m] for m in models}, {m: evals[m] for m in models}
 
 
 def _across(params: PipelineParams, trained: dict, prep: Path, cb: dict, root: Path, run: dict):

@@ -193,7 +193,7 @@ def test_minutes_a_model_leaves_unused_go_to_the_models_after_it(tmp_path, monke
     models = ["vit", "ast", "t2i"]
     spent = {"vit": 0.5, "ast": None, "t2i": None}  # minutes each takes; None: all of its cap
 
-    def planned_caps() -> dict[str, float]:
+    def planned_caps(lanes: int = 1) -> dict[str, float]:
         caps = {}
 
         class Task:
@@ -210,8 +210,8 @@ def test_minutes_a_model_leaves_unused_go_to_the_models_after_it(tmp_path, monke
 
         monkeypatch.setattr(pipeline.stages, "train_model", Task(train))
         monkeypatch.setattr(pipeline.stages, "evaluate_model", Task(lambda *a, **kw: {"metrics": {}}))
-        pipeline._train_and_evaluate(PipelineParams(), models, tmp_path, {}, {"image": "x", "pixels": "y"}, tmp_path,
-                                     {}, minutes=10.0)
+        pipeline._train_and_evaluate(PipelineParams(train=TrainParams(lanes=lanes)), models, tmp_path, {},
+                                     {"image": "x", "pixels": "y"}, tmp_path, {}, minutes=10.0)
         return caps
 
     caps = planned_caps()
@@ -222,6 +222,30 @@ def test_minutes_a_model_leaves_unused_go_to_the_models_after_it(tmp_path, monke
     assert caps["ast"] > 10 * MODELS["ast"].minutes / total
     assert 0.5 + caps["ast"] + caps["t2i"] == pytest.approx(10)
     assert planned_caps() == caps
+    # two lanes side by side: t2i alone in one (the longest), vit and ast in the other; each lane shares all 10
+    two = planned_caps(lanes=2)
+    assert two["t2i"] == pytest.approx(10)
+    assert two["vit"] == pytest.approx(10 * MODELS["vit"].minutes / (MODELS["vit"].minutes + MODELS["ast"].minutes))
+    assert 0.5 + two["ast"] == pytest.approx(10)
     assert pipeline.minutes_left(10.0, {}, 4.0) == 6.0  # a record without train_seconds took its whole cap
     assert pipeline.minutes_left(10.0, {"train_seconds": 900}, 4.0) == pytest.approx(0.1)  # overran: 1% is left
     assert pipeline.minutes_left(None, {"train_seconds": 60}, None) is None  # no minutes: no caps
+
+
+def test_lanes_keep_a_model_with_the_one_it_starts_from_and_share_the_minutes_out(monkeypatch):
+    import flows.pipeline as pipeline
+
+    models = pipeline.train_order(sorted(MODELS))
+    two = pipeline.lanes(models, 2)
+    assert sorted(m for lane in two for m in lane) == sorted(models) and len(two) == 2
+    assert all(lane == [m for m in models if m in lane] for lane in two)  # each keeps the training order
+    assert any(lane.index("vit") < lane.index("clip") for lane in two if "clip" in lane and "vit" in lane)
+    load = sorted(sum(MODELS[m].minutes for m in lane) for lane in two)
+    assert load[1] - load[0] <= max(MODELS[m].minutes for m in models)  # longest first, to the emptier lane
+    assert pipeline.lanes(models, 1) == [models]
+    assert len(pipeline.lanes(models, 99)) == len(models) - 1  # CLIP trains after the ViT it starts from
+    assert pipeline.lane_count(TrainParams(lanes=3)) == 3
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
+    assert pipeline.lane_count(TrainParams(device="cpu")) == 2
+    monkeypatch.setattr(pipeline, "pick_device", lambda device: __import__("torch").device("cuda"))
+    assert pipeline.lane_count(TrainParams()) == 1  # a GPU: one lane

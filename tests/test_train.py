@@ -230,8 +230,8 @@ def test_every_metric_of_step_k_is_logged_at_step_k(prep, tmp_path, monkeypatch)
     assert metrics["val/accuracy"][7] > metrics["val/accuracy"][4]  # so step 7 is a better evaluation
     assert saved == [(CKPT, 4), (BEST, 4), (CKPT, 5), (CKPT, 7), (BEST, 7)] and record["steps"] == 7
     ckpt = load_checkpoint(tmp_path / "out" / CKPT)
-    assert sorted(ckpt) == ["bad_evals", "batch", "best_step", "best_val", "clock_s", "codebooks", "config", "end",
-                            "epoch", "init_from", "model", "optimizer", "prep_dir", "rng", "run_id", "state_dict",
+    assert sorted(ckpt) == ["bad_evals", "batch", "best_step", "best_val", "clock_s", "codebooks", "config", "dtype",
+                            "end", "epoch", "init_from", "model", "optimizer", "prep_dir", "rng", "run_id", "state_dict",
                             "step", "stopped_early", "train_config", "val"]
     assert sorted(load_checkpoint(tmp_path / "out" / BEST)) == sorted(WEIGHTS)
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch"]) == (7, 1, 3)  # 7 batches: 4 of epoch 0, 3 of epoch 1
@@ -254,6 +254,38 @@ def test_hardware_helpers(monkeypatch):
     assert hardware.peak_flops(cpu, torch.float32) > 0
     assert torch.equal(torch.get_rng_state(), rng)  # measuring draws nothing: resumed runs stay step-exact
     assert hardware.distributed(cpu) == (0, 1)  # no WORLD_SIZE: one process, no process group
+
+
+def test_auto_precision_takes_the_faster_step_and_a_resume_keeps_it(prep, tmp_path, monkeypatch):
+    """hardware.faster_dtype times a step both ways and keeps the faster, drawing nothing from the RNG; the trainer
+    measures its model's own step where the device's bf16 is fast, records it in ckpt.pt, and a resume reuses it."""
+    import time
+
+    from tasks.train import trainer
+
+    cpu = torch.device("cpu")
+    slow_in_bf16 = lambda: (time.sleep(0.02 if torch.is_autocast_enabled("cpu") else 0.0), torch.rand(1))  # noqa: E731
+    slow_in_fp32 = lambda: (time.sleep(0.0 if torch.is_autocast_enabled("cpu") else 0.02), torch.rand(1))  # noqa: E731
+    rng = torch.get_rng_state()
+    assert hardware.faster_dtype(slow_in_bf16, cpu)[0] == torch.float32
+    assert hardware.faster_dtype(slow_in_fp32, cpu)[0] == torch.bfloat16
+    assert torch.equal(torch.get_rng_state(), rng)
+
+    monkeypatch.setattr(trainer, "compute_dtype", lambda precision, device: torch.bfloat16)  # a CPU with fast bf16
+    chosen = []
+    real = trainer.faster_dtype
+    monkeypatch.setattr(trainer, "faster_dtype", lambda step, device: chosen.append(1) or real(step, device))
+    cfg = replace(TINY_TRAIN, precision="auto", max_steps=4)
+    train("vit", prep, tmp_path / "out", cfg, preset="tiny")
+    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
+    assert chosen == [1] and ckpt["dtype"] in ("bfloat16", "float32")
+    env = trainer.setup(cfg)
+    monkeypatch.setattr(trainer, "faster_dtype", lambda step, device: pytest.fail("a resume measures again"))
+    kept = trainer.measured_precision(trainer.Job("vit", prep, tmp_path, cfg), env, None, None, {"dtype": "float32"})
+    assert kept.dtype == torch.float32 and not kept.autocast._enabled
+    fixed = trainer.measured_precision(trainer.Job("vit", prep, tmp_path, replace(cfg, precision="bf16")), env,
+                                       None, None, None)
+    assert fixed is env  # only "auto" is measured
 
 
 def test_tracking_uri_defaults_to_sqlite_in_the_working_directory(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@
     out_dir/ckpt.pt     {"model", "config", "state_dict", "optimizer", "step", "epoch", "batch", "rng", "run_id",
                          "train_config", "val", "codebooks", "prep_dir", "best_val", "best_step", "bad_evals",
                          "stopped_early", "clock_s" (seconds trained), "end" (the schedule's end: the time cap
-                         may move it)}: tensors, numbers, strings, lists, dicts; the last checkpoint, resumed from
+                         may move it), "dtype" (the precision its steps ran in)}: tensors, numbers, strings,
+                         lists, dicts; the last checkpoint, resumed from
     out_dir/best.pt     WEIGHTS: the weights of the best evaluation (the model table's `monitor`), what evaluation
                          reads; no optimiser or RNG states
     out_dir/train.json  {"run_id", "checkpoint_step"}: which MLflow run to continue, and whether a ckpt must exist

@@ -121,46 +121,51 @@ class Clock:
 # measured on (tasks/train/table.py): starting up, the data and codebooks, each model's evaluation, the round trips,
 # the CLIP index and the registry (1.4 there on a fresh root, 2026-12-02: 17 min 41 s in all, 16.3 of them in train
 # tasks), and the part of each train task its cap does not see (building the model, starting its MLflow run and data,
-# the last evaluation: 0.4 in all on a machine probed at 2.05x, so ~0.2 here).
+# the last evaluation: 0.4 in all on a machine probed at 2.05x, so ~0.2 here). With two lanes (2026-12-03): 1.2 of the
+# run's 14.8 minutes besides the longer lane's training (8,000 images: the data stages 0.4 minutes, fresh); kept at 1.8.
 OTHER_MINUTES = 1.8
 SHORTEST_TRAINING = 1.0  # minutes: a run's training is never planned shorter, however slow the machine
 PROBE_STEPS = 8
-# The probe's seconds (probe_seconds) on the machine the table's `minutes` were measured on (Intel AMX, bf16, one
-# thread as training uses, 2026-12-02).
-REFERENCE_PROBE_S = 1.03
+# The probe's seconds (probe_seconds) on the machine the table's `minutes` were measured on (Intel AMX, the faster of
+# bf16 and fp32: fp32, one thread as training uses, 2026-12-03; 1.03 s in bf16 on 2026-12-02).
+REFERENCE_PROBE_S = 0.66
 
 
 def probe_seconds(device: str = "cpu", precision: str = "auto", threads: int = 1) -> float:
     """Seconds for PROBE_STEPS AdamW steps of the shared transformer core at the default models' size (128 wide, 4
     deep; 32 sequences of 64 tokens), at the dtype and CPU threads training would use: this machine's training speed
-    in one number (the faster of two timings after a warm-up). Leaves torch's random state as it was."""
+    in one number (the faster of two timings after a warm-up; with precision "auto" where bf16 is fast, the faster of
+    bf16 and fp32, as the trainer measures each model: trainer.measured_precision). Leaves torch's random state as it
+    was."""
     from models.transformer import Transformer
     from tasks.infra.hardware import compute_dtype, cpu_threads, pick_device, sync
 
     dev = pick_device(device)
-    bf16 = compute_dtype(precision, dev) == torch.bfloat16
+    fast_bf16 = compute_dtype(precision, dev) == torch.bfloat16
+    dtypes = [True, False] if fast_bf16 and precision == "auto" and dev.type == "cpu" else [fast_bf16]
     with torch.random.fork_rng(devices=[]), cpu_threads(threads):
         torch.manual_seed(0)
         net = Transformer(128, 4, 4).to(dev)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         x = torch.randn(32, 64, 128, device=dev)
 
-        def step():
+        def step(bf16):
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = net(x).float().square().mean()
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        step(), step()
         times = []
-        for _ in range(2):
-            sync(dev)
-            t0 = time.perf_counter()
-            for _ in range(PROBE_STEPS):
-                step()
-            sync(dev)
-            times.append(time.perf_counter() - t0)
+        for bf16 in dtypes:
+            step(bf16), step(bf16)
+            for _ in range(2):
+                sync(dev)
+                t0 = time.perf_counter()
+                for _ in range(PROBE_STEPS):
+                    step(bf16)
+                sync(dev)
+                times.append(time.perf_counter() - t0)
     return min(times)
 
 
