@@ -11,10 +11,14 @@ that checkpoint.
 from __future__ import annotations
 
 import contextvars
+import ctypes
+import functools
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
 
 from prefect import flow, runtime
 from prefect.artifacts import create_markdown_artifact
@@ -160,14 +164,48 @@ def lanes(models: list[str], n: int) -> list[list[str]]:
     for m in models:
         source = spec(m).init[0] if spec(m).init else None
         group = next((g for g in groups if source in g), None)
-        group.append(m) if group is not None else groups.append([m])
-    load, out = [0.0] * max(1, min(n, len(groups))), []
-    out = [[] for _ in load]
+        if group is None:
+            groups.append([m])
+        else:
+            group.append(m)
+    load = [0.0] * max(1, min(n, len(groups)))
+    out: list[list[str]] = [[] for _ in load]
     for group in sorted(groups, key=lambda g: -sum(spec(m).minutes for m in g)):
         i = load.index(min(load))
         out[i] += group
         load[i] += sum(spec(m).minutes for m in group)
     return [[m for m in models if m in lane] for lane in out if lane]
+
+
+def run_lanes(lanes: list[Callable[[], Any]]) -> list:
+    """Each function in a thread of its own (Prefect's context copied in), one torch thread each (and none restored to
+    more while another lane trains: hardware.cpu_threads); their results in order. A lane that fails lets the others
+    finish (their work is cached) before its error is raised. An interrupt (Ctrl-C, SIGTERM: a BaseException) in the
+    main thread or in a lane is raised in every lane still running too, so their trainings end KILLED at once rather
+    than run to their end."""
+    running: dict[int, int] = {}  # lane -> its thread's id, while it runs
+    lock = threading.Lock()
+
+    def start(i: int, fn: Callable[[], Any]):
+        with lock:
+            running[i] = threading.get_ident()
+        try:
+            return fn()
+        finally:
+            with lock:
+                running.pop(i, None)
+
+    with cpu_threads(1), ThreadPoolExecutor(len(lanes), thread_name_prefix="lane") as pool:
+        futures = [pool.submit(contextvars.copy_context().run, start, i, fn) for i, fn in enumerate(lanes)]
+        try:
+            return [f.result() for f in futures]
+        except BaseException as e:
+            if not isinstance(e, Exception):
+                with lock:
+                    for ident in running.values():
+                        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident),
+                                                                   ctypes.py_object(KeyboardInterrupt))
+            raise
 
 
 def _train_and_evaluate(params: PipelineParams, models: list[str], prep: Path, counts: dict, cb: dict, root: Path,
@@ -201,10 +239,7 @@ def _train_and_evaluate(params: PipelineParams, models: list[str], prep: Path, c
         results = [lane(groups[0])]
     else:
         print(f"training in {len(groups)} lanes side by side: " + " | ".join(", ".join(g) for g in groups))
-        # one torch thread each, and none restored to more while the other lane trains (hardware.cpu_threads)
-        with cpu_threads(1), ThreadPoolExecutor(len(groups), thread_name_prefix="lane") as pool:
-            futures = [pool.submit(contextvars.copy_context().run, lane, g) for g in groups]  # Prefect's context too
-            results = [f.result() for f in futures]
+        results = run_lanes([functools.partial(lane, g) for g in groups])
     trained = {m: r for t, _ in results for m, r in t.items()}
     evals = {m: r for _, e in results for m, r in e.items()}
     return {m: trained[m] for m in models}, {m: evals[m] for m in models}

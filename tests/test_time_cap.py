@@ -249,3 +249,40 @@ def test_lanes_keep_a_model_with_the_one_it_starts_from_and_share_the_minutes_ou
     assert pipeline.lane_count(TrainParams(device="cpu")) == 2
     monkeypatch.setattr(pipeline, "pick_device", lambda device: __import__("torch").device("cuda"))
     assert pipeline.lane_count(TrainParams()) == 1  # a GPU: one lane
+
+
+def test_an_interrupt_in_one_lane_stops_the_others_and_a_failure_lets_them_finish():
+    """run_lanes: a KeyboardInterrupt (Ctrl-C, SIGTERM) reaches every lane still running, which then ends at once; an
+    error in one lane is raised only after the others have finished their work."""
+    import time
+
+    from flows.pipeline import run_lanes
+
+    seen = []
+
+    def long_lane():
+        try:
+            for _ in range(1000):  # 10 s unless interrupted
+                time.sleep(0.01)
+            seen.append("finished")
+        except KeyboardInterrupt:
+            seen.append("interrupted")
+            raise
+
+    def interrupted():
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_lanes([interrupted, long_lane])
+    assert seen == ["interrupted"] and time.monotonic() - t0 < 5
+
+    def failing():
+        raise ValueError("bad lane")
+
+    seen.clear()
+    with pytest.raises(ValueError, match="bad lane"):
+        run_lanes([failing, lambda: (time.sleep(0.3), seen.append("finished"))])
+    assert seen == ["finished"]
+    assert run_lanes([lambda: 1, lambda: 2]) == [1, 2]
