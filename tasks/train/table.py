@@ -258,8 +258,8 @@ MODELS: dict[str, ModelSpec] = {
         default=dict(SMALL_S2S, src_len=64, dropout=0.1, tgt_row_above=True),
         tiny=dict(TINY_S2S, src_len=32, tgt_row_above=True),
         # 20.93 epochs of the 8,000-image set (3,840 steps, 2026-12-03): from 2,000 images to 8,000 at 1,200 steps it
-        # fit better (val loss 0.464 -> 0.332) yet drew no better; 2,400 steps on 8,000 images: seen shape 0.64-0.66,
-        # held-out 0.38; 3,834: seen 0.81-0.83, held-out 0.50-0.62 (six ViTs trained apart; README "What the models
+        # fit better (val loss 0.464 -> 0.332) yet drew no better; 2,404 steps on 8,000 images: seen shape 0.75,
+        # held-out 0.42; 3,834: seen 0.81-0.83, held-out 0.50-0.62 (seven ViTs trained apart; README "What the models
         # learn"). Its cap, 4 x the built-in steps as every model's; its time cap bounds it on a slower machine.
         train=dict(epochs=20.929, max_steps=15360, batch_size=32, lr=1e-3, min_lr=1e-4, warmup_steps=30,
                    weight_decay=0.05),
