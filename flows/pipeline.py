@@ -148,7 +148,10 @@ def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None,
 
 
 def lane_count(t: TrainParams) -> int:
-    """--lanes, else on a CPU one lane a core (a model trains on TrainConfig.cpu_threads threads, one), on a GPU one."""
+    """--lanes, else on a CPU one lane a core (a model trains on TrainConfig.cpu_threads threads, one), on a GPU or
+    under torchrun (WORLD_SIZE > 1: every rank must run the same trainings' collectives in the same order) one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return 1
     if t.lanes:
         return t.lanes
     if pick_device(t.device).type != "cpu":

@@ -247,6 +247,9 @@ def test_lanes_keep_a_model_with_the_one_it_starts_from_and_share_the_minutes_ou
     assert pipeline.lane_count(TrainParams(lanes=3)) == 3
     monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
     assert pipeline.lane_count(TrainParams(device="cpu")) == 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert pipeline.lane_count(TrainParams(lanes=2)) == 1  # under torchrun: the ranks' collectives in one order
+    monkeypatch.delenv("WORLD_SIZE")
     monkeypatch.setattr(pipeline, "pick_device", lambda device: __import__("torch").device("cuda"))
     assert pipeline.lane_count(TrainParams()) == 1  # a GPU: one lane
 
