@@ -24,10 +24,10 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 CHANCE = 1 / 6
 SMALL = dict(dim=64, depth=2, n_heads=2)
 TRAIN = {  # per model: TrainConfig fields (tasks/train/trainer.py) on top of the model's own; the image models a fixed
-    # count, the steps they had here before their epochs were cut for the 8,000-image built-in set (ViT 300, CLIP 179)
+    # count (ViT 300, CLIP 300; CLIP had 179 by its epochs before they were cut for the 8,000-image built-in set)
     "vit": dict(max_steps=300, epochs=None),
     "ast": dict(max_steps=300, lr=1e-3, min_lr=1e-4, warmup_steps=30),
-    "clip": dict(max_steps=180, epochs=None, warmup_steps=30),
+    "clip": dict(max_steps=300, epochs=None, warmup_steps=30),
     "asr": dict(max_steps=300, lr=2e-3, min_lr=2e-4, warmup_steps=30),
 }
 MODEL = {  # per model: config fields on top of the default preset (tasks/train/table.py); ViT and CLIP keep theirs, so
@@ -45,7 +45,8 @@ def small_run(tmp_path_factory):
     params = PipelineParams(
         data=DataParams(root=root / "out", size=800, n_mels=64, n_frames=128, shard_maxcount=200),
         codebooks=CodebookParams(pixels_k=16, image_k=32, iters=5, min_usage=0.0),
-        train=TrainParams(models=list(TRAIN), train_overrides=TRAIN, model_overrides=MODEL),
+        # one lane: lanes draw from torch's one random state in whatever order their steps interleave
+        train=TrainParams(models=list(TRAIN), train_overrides=TRAIN, model_overrides=MODEL, lanes=1),
         eval=EvalParams(max_samples=None, roundtrips=False),
     )
     result = pipeline(params)
@@ -80,7 +81,7 @@ def test_asr_transcribes(small_run):
 
 def test_clip_zero_shot(small_run):
     m = metrics(small_run[1], "clip")
-    assert m["zero_shot/shape_accuracy"] >= 2 * CHANCE, m  # reached 0.47
+    assert m["zero_shot/shape_accuracy"] >= 2 * CHANCE, m  # reached 0.47 in bf16, 0.386 in fp32 (300 steps)
     assert m["zero_shot/colour_accuracy"] >= 3 * CHANCE, m  # reached 0.66
     assert m["retrieval/i2t_recall_at_10"] >= 0.3, m
 
