@@ -277,7 +277,7 @@ def test_auto_precision_takes_the_faster_step_and_a_resume_keeps_it(prep, tmp_pa
     monkeypatch.setattr(trainer, "faster_dtype", lambda step, device: chosen.append(1) or real(step, device))
     cfg = replace(TINY_TRAIN, precision="auto", max_steps=4)
     train("vit", prep, tmp_path / "out", cfg, preset="tiny")
-    ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "out" / "ckpt.pt")
     assert chosen == [1] and ckpt["dtype"] in ("bfloat16", "float32")
     env = trainer.setup(cfg)
     monkeypatch.setattr(trainer, "faster_dtype", lambda step, device: pytest.fail("a resume measures again"))

@@ -124,7 +124,8 @@ def _patches(size: int, patch: int, stride: int | None = None) -> int:
 # test) the step counts the models had before (ViT 600, AST 400, CLIP 600, ImageGPT 300, ASR 250, text-to-image
 # 300, text-to-speech 400; for their round trips ImageGPT now 600 and text-to-image 1,200, then 3,840; the ViT now
 # 1,200 and CLIP 450, below), so its figures and `make run`'s time stay. The built-in set grew from 2,000 images (1,456
-# in train) to 8,000 (2026-12-03), the image models' epochs divided to keep their steps, except text-to-image's. The caps keep a model's steps under ~12 minutes on two CPU
+# in train) to 8,000 (2026-12-03), the image models' epochs divided to keep their steps, except text-to-image's. The
+# caps keep a model's steps under ~12 minutes on two CPU
 # cores (the rest of 15 for evaluation and checkpoints): measured step times, default preset and train config, one
 # torch thread, 2 shared cores: ViT 0.092-0.095 s, AST 0.158-0.19 s, CLIP 0.184 s, ImageGPT 0.21-0.25 s, ASR 0.14-0.15
 # s, text-to-image 0.2-0.235 s, text-to-speech 0.16-0.17 s.
