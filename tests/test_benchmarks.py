@@ -64,6 +64,14 @@ def test_training(tmp_path):
     assert {"training_compile_vit", "training_compile_imagegpt"} <= set(rows)
     peak = rows["training_mfu_vit"]["extra"]["peak_flops"]
     assert peak["fp32"] > 0 and peak["bf16"] > 0
+    timed = {"fp32", "bf16"} if peak["bf16"] > peak["fp32"] else {"fp32"}  # both where bf16 may be the faster
+    for m in MODELS:
+        x = rows[f"training_mfu_{m}"]["extra"]
+        for size in ("default", "larger"):
+            r = x[size]
+            assert set(r["samples_per_s_by_dtype"]) == timed
+            assert r["samples_per_s"] == max(r["samples_per_s_by_dtype"].values())  # the faster step kept, as trained
+            assert x["mfu"][size] == pytest.approx(r["samples_per_s"] * r["flops_per_sample"] / peak[r["dtype"]])
 
 
 def test_scaling_writes_its_plot(tmp_path):

@@ -16,10 +16,10 @@ Artifacts go into out_dir atomically (tasks/infra/common.py atomic_dir) with met
 pipeline's task wrapper) logs them. Everything runs under torch.no_grad, in fp32 by default: CPU bf16 autocast
 measured 2-7x slower here for these model sizes (casts dominate the small matmuls); PRECISION = "bf16" turns it on
 for the forward passes and generation (never for the teacher-forced NLL, where bf16 logits would move bits/token in
-the second decimal, nor Griffin-Lim). Images are sampled (tasks/eval/generate.py
-IMAGEGPT_SAMPLING, T2I_SAMPLING: temperature, top-k, classifier-free guidance) from a seeded generator: greedy image
-decoding collapses to blank backgrounds, a background patch being the likeliest code almost everywhere. Speech and
-transcripts are greedy.
+the second decimal, nor Griffin-Lim). Images are sampled (tasks/eval/generate.py IMAGEGPT_SAMPLING,
+IMAGEGPT_COMPLETION_SAMPLING, T2I_SAMPLING: temperature, top-k, classifier-free guidance) from a seeded generator:
+greedy image decoding collapses to blank backgrounds, a background patch being the likeliest code almost everywhere.
+Speech and transcripts are greedy.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def eval_imagegpt(run: Run) -> tuple[dict, list[str]]:
     image_grid(images, [f"sample {i}" for i in range(N_SHOW)], run.out / "samples.png")
     real = torch.from_numpy(np.stack([s["img"] for s in run.first(N_SHOW)])).float()  # (M, 3, S, S)
     with amp():
-        done = generate.complete_images(run.model, run.ctx, real, math.isqrt(cfg.seq_len) // 2, how, g)
+        done = generate.complete_images(run.model, run.ctx, real, math.isqrt(cfg.seq_len) // 2, generator=g)
     image_grid(done, ["completed from the top half"] * len(done), run.out / "completions.png")
     return nll_bits(run), ["Samples: ![](samples.png)", "Completions: ![](completions.png)"]
 

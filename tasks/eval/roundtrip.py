@@ -27,8 +27,8 @@ from tasks.data.builtin.vocab import COLOURS, Vocabulary
 from tasks.eval import audio_out
 from tasks.eval.evaluate import (BATCH_SIZE, N_EXAMPLES, N_SHOW, SEED, Run, amp, load_model, transcribe, zero_shot,
                                  zero_shot_classifiers)
-from tasks.eval.generate import (IMAGEGPT_SAMPLING, T2I_SAMPLING, Sampling, clip_scorer, complete_images,
-                                 generate_images, imagegpt_pixels, imagegpt_tokens, t2i_pixels)
+from tasks.eval.generate import (IMAGEGPT_COMPLETION_SAMPLING, IMAGEGPT_SAMPLING, T2I_SAMPLING, Sampling, clip_scorer,
+                                 complete_images, generate_images, imagegpt_pixels, imagegpt_tokens, t2i_pixels)
 from tasks.eval.metrics import cer, wer
 from tasks.eval.report import finish, image_grid, table
 from tasks.infra.checkpoint import load_checkpoint
@@ -249,14 +249,15 @@ def _upsampled(pixels: torch.Tensor, size: int) -> torch.Tensor:
 @torch.no_grad()
 def roundtrip_imagegpt(imagegpt_ckpt: Path, classifier_ckpt: Path, prep_dir: Path, codebooks: dict[str, str] | None,
                        out_dir: Path, vocab: Vocabulary, samples: int = IMAGEGPT_SAMPLES,
-                       completions: int = IMAGEGPT_COMPLETIONS, how: Sampling = IMAGEGPT_SAMPLING) -> dict:
+                       completions: int = IMAGEGPT_COMPLETIONS, how: Sampling = IMAGEGPT_SAMPLING,
+                       complete: Sampling = IMAGEGPT_COMPLETION_SAMPLING) -> dict:
     """ImageGPT judged by the trained ViT (images upsampled to its size): unconditional samples (the share the ViT
     names with top-1 probability >= CONFIDENT, which scattered pixels reach too; the share that is one coloured thing,
     colour_purity >= PURE; both; the shapes the coherent confident ones cover), and completions of test images from
     their top half (the share whose shape the ViT recovers; `prompt_only`: the same ViT on the top half with the
     bottom filled by the top-left pixel, what the given half alone tells; `ceiling`: the same ViT on the real image at
     ImageGPT's size and palette, what a perfect completion scores), over every completion and over the `visible` ones
-    (shown_share >= VISIBLE). Grids of both."""
+    (shown_share >= VISIBLE). Samples drawn as `how` says, completions as `complete`. Grids of both."""
     name, gpt, ctx = load_model(imagegpt_ckpt, prep_dir, codebooks, role="image-sampler")
     _, vit, vctx = load_model(classifier_ckpt, prep_dir, role="image-classifier")
     size, g = vctx.data.image_size, torch.Generator().manual_seed(SEED)
@@ -275,7 +276,7 @@ def roundtrip_imagegpt(imagegpt_ckpt: Path, classifier_ckpt: Path, prep_dir: Pat
     truth = [vocab.truth(t["info"].get("meta") or {})["shape"] for t in test]
     half = math.isqrt(gpt.cfg.seq_len) // 2
     with amp():
-        done = complete_images(gpt, ctx, real, half, how, g)  # (M, 3, side, side)
+        done = complete_images(gpt, ctx, real, half, complete, g)  # (M, 3, side, side)
     given = done.clone()
     given[:, :, half:] = given[:, :, :1, :1]  # the bottom half as the top-left (background) pixel
     small = imagegpt_pixels(gpt, ctx, imagegpt_tokens(gpt, ctx, real))  # (M, 3, side, side): the real image's

@@ -114,19 +114,23 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if fast else torch.float32
 
 
-def faster_dtype(step: Callable[[], None], device: torch.device, repeats: int = 3) -> tuple[torch.dtype, dict]:
-    """(the faster of bf16 autocast and fp32 for `step`, {dtype: seconds a step}): each timed over `repeats` calls
-    after one warm-up, torch's random state left as it was. A device's matmul peak (compute_dtype) does not decide it
-    for a small model: on a CPU with AMX, bf16's products are ~4x faster, yet the casts around them can cost more."""
+def faster_dtype(step: Callable[[], None], device: torch.device, repeats: int = 3,
+                 dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32)) -> tuple[torch.dtype, dict]:
+    """(the faster for `step` of `dtypes`, bf16 autocast and fp32; {dtype: seconds a call}): the best of `repeats`
+    timed calls after one warm-up, torch's random state left as it was. A device's matmul peak (compute_dtype) does
+    not decide it for a small model: on a CPU with AMX, bf16's products are ~4x faster, yet the casts around them can
+    cost more."""
     seconds = {}
     with torch.random.fork_rng(devices=[]):
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in dtypes:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 step()
-                sync(device)
-                t0 = time.perf_counter()
+                times = []
                 for _ in range(repeats):
+                    sync(device)
+                    t0 = time.perf_counter()
                     step()
-                sync(device)
-            seconds[dtype] = (time.perf_counter() - t0) / repeats
+                    sync(device)
+                    times.append(time.perf_counter() - t0)
+            seconds[dtype] = min(times)
     return min(seconds, key=seconds.get), seconds

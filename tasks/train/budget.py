@@ -134,39 +134,30 @@ REFERENCE_PROBE_S = 0.66
 def probe_seconds(device: str = "cpu", precision: str = "auto", threads: int = 1) -> float:
     """Seconds for PROBE_STEPS AdamW steps of the shared transformer core at the default models' size (128 wide, 4
     deep; 32 sequences of 64 tokens), at the dtype and CPU threads training would use: this machine's training speed
-    in one number (the faster of two timings after a warm-up; with precision "auto" where bf16 is fast, the faster of
-    bf16 and fp32, as the trainer measures each model: trainer.measured_precision). Leaves torch's random state as it
-    was."""
+    in one number (the best of two timings after a warm-up, hardware.faster_dtype; with precision "auto" where bf16 is
+    fast, the faster of bf16 and fp32, as the trainer measures each model: trainer.measured_precision). Leaves torch's
+    random state as it was."""
     from models.transformer import Transformer
-    from tasks.infra.hardware import compute_dtype, cpu_threads, pick_device, sync
+    from tasks.infra.hardware import compute_dtype, cpu_threads, faster_dtype, pick_device
 
     dev = pick_device(device)
     fast_bf16 = compute_dtype(precision, dev) == torch.bfloat16
-    dtypes = [True, False] if fast_bf16 and precision == "auto" and dev.type == "cpu" else [fast_bf16]
+    both = fast_bf16 and precision == "auto" and dev.type == "cpu"
+    dtypes = (torch.bfloat16, torch.float32) if both else (torch.bfloat16 if fast_bf16 else torch.float32,)
     with torch.random.fork_rng(devices=[]), cpu_threads(threads):
         torch.manual_seed(0)
         net = Transformer(128, 4, 4).to(dev)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         x = torch.randn(32, 64, 128, device=dev)
 
-        def step(bf16):
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        def steps():
+            for _ in range(PROBE_STEPS):
                 loss = net(x).float().square().mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
 
-        times = []
-        for bf16 in dtypes:
-            step(bf16), step(bf16)
-            for _ in range(2):
-                sync(dev)
-                t0 = time.perf_counter()
-                for _ in range(PROBE_STEPS):
-                    step(bf16)
-                sync(dev)
-                times.append(time.perf_counter() - t0)
-    return min(times)
+        return min(faster_dtype(steps, dev, repeats=2, dtypes=dtypes)[1].values())
 
 
 def cpu_name() -> str:
