@@ -133,9 +133,10 @@ def run(quick: bool = False) -> list[Row]:
                        " samples/s)") for k, r in res.items()}
             note = f"{peak_note}; faster step: default {ran['default']}, larger {ran['larger']}"
             if passed is False:
-                note = (f"miss: the larger ViT ({res['larger']['flops_per_sample'] / 1e6:.0f} MFLOP/sample, "
-                        f"{res['larger']['tokens']} tokens) reaches {mfu['larger']:.2f} of the {res['larger']['dtype']} "
-                        "peak: its matrices are small next to the 1024+ squares the peak is measured on, and attention, "
+                big = res["larger"]
+                note = (f"miss: the larger ViT ({big['flops_per_sample'] / 1e6:.0f} MFLOP/sample, {big['tokens']} "
+                        f"tokens) reaches {mfu['larger']:.2f} of the {big['dtype']} peak: its matrices are small next "
+                        "to the 1024+ squares the peak is measured on, and attention, "
                         "LayerNorm, GELU, softmax and AdamW are memory-bound work that adds time but no counted FLOPs; "
                         + note)
             rows.append(Row(

@@ -258,8 +258,9 @@ MODELS: dict[str, ModelSpec] = {
         # Each decoder input also embeds the codes above-left, above and above-right of the one it predicts
         # (tgt_row_above, models/embeddings.py RowAbove; PixelCNN's causal stencil), 2026-12-02, judged as above by
         # seven ViTs trained apart, T 0.3, top-k 8, training seeds 0 / 1: seen shape at guidance 2 0.483 -> 0.573 /
-        # 0.488, at guidance 1.5 (the new T2I_SAMPLING) 0.471 -> 0.588 / 0.582; held-out 0.19 -> 0.21 / 0.19; colour
-        # 0.891 -> 0.960 / 0.970; val loss 0.464 / 0.458 against 0.477-0.484. Crosses are drawn as crosses. On.
+        # 0.488, at guidance 1.5 (T2I_SAMPLING then; 1.75 since 2026-12-03) 0.471 -> 0.588 / 0.582; held-out 0.19 ->
+        # 0.21 / 0.19; colour 0.891 -> 0.960 / 0.970; val loss 0.464 / 0.458 against 0.477-0.484. Crosses are drawn as
+        # crosses. On.
         default=dict(SMALL_S2S, src_len=64, dropout=0.1, tgt_row_above=True),
         tiny=dict(TINY_S2S, src_len=32, tgt_row_above=True),
         # 20.93 epochs of the 8,000-image set (3,840 steps, 2026-12-03): from 2,000 images to 8,000 at 1,200 steps it
