@@ -112,6 +112,41 @@ def test_trained_imagegpt_draws_one_coloured_thing(world, tmp_path):
     assert scores["trained"] >= scores["untrained"] + MARGIN, scores
 
 
+def test_completions_keep_the_given_rows_and_draw_the_rest_as_asked():
+    """generate.complete_images: the given top rows come back as they were (in the palette), the rest is drawn with
+    the Sampling it is given (greedy: the same whatever the generator; T 1: another draw for another generator), and
+    by default with IMAGEGPT_COMPLETION_SAMPLING, which the round trip uses for completions (samples:
+    IMAGEGPT_SAMPLING)."""
+    import inspect
+    from types import SimpleNamespace
+
+    from models.imagegpt import ImageGPT, ImageGPTConfig
+    from models.vq import Codebook
+    from tasks.eval import generate
+
+    torch.manual_seed(0)
+    side, rows = 4, 2
+    model = ImageGPT(ImageGPTConfig(vocab_size=8, seq_len=side * side, dim=32, depth=1, n_heads=2,
+                                    row_above=True)).eval()
+    palette = Codebook.from_codes(torch.arange(8).float()[:, None].repeat(1, 3) * 30)  # 8 greys, 0..210
+    ctx = SimpleNamespace(data=SimpleNamespace(codebook=lambda kind: SimpleNamespace(codebook=palette)))
+    given = torch.randint(0, 8, (6, side * side))
+    pixels = generate.imagegpt_pixels(model, ctx, given)  # (6, 3, side, side), exactly palette colours
+
+    def draw(how, seed):
+        return generate.complete_images(model, ctx, pixels, rows, how, torch.Generator().manual_seed(seed))
+
+    greedy = Sampling(temperature=0.0)
+    hot = Sampling(temperature=1.0)
+    for done in (draw(greedy, 0), draw(hot, 0)):
+        assert done.shape == pixels.shape and torch.equal(done[:, :, :rows], pixels[:, :, :rows])
+    assert torch.equal(draw(greedy, 0), draw(greedy, 1))
+    assert not torch.equal(draw(hot, 0), draw(hot, 1))
+    default = inspect.signature(generate.complete_images).parameters["how"].default
+    assert default == generate.IMAGEGPT_COMPLETION_SAMPLING != generate.IMAGEGPT_SAMPLING
+    assert inspect.signature(roundtrip.roundtrip_imagegpt).parameters["complete"].default == default
+
+
 def _tiny_t2i(n_codes: int = 8, size: int = 8, patch: int = 4):
     """An untrained tiny t2i and a stand-in batch context: the image codebook holds flat patches of grey n * 10."""
     from types import SimpleNamespace
