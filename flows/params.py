@@ -190,8 +190,8 @@ class TrainParams(Params):
                                       "make run passes 19.5")
     lanes: int | None = Field(None, ge=1, description="models that train side by side, each in its own lane with "
                               "the whole of --train-minutes; default: on a CPU one a core (each trains on one "
-                              "thread), on a GPU one; under torchrun always one. Lanes share torch's random state: --lanes 1 for a run that "
-                              "repeats bit for bit")
+                              "thread), on a GPU one; under torchrun always one. Lanes share torch's random state: "
+                              "--lanes 1 for a run that repeats bit for bit")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (a GPU if there is one), cpu or cuda")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto (bf16 where the model's own "
                                                        "training step runs faster, timed before training), bf16 or "

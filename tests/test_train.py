@@ -231,8 +231,8 @@ def test_every_metric_of_step_k_is_logged_at_step_k(prep, tmp_path, monkeypatch)
     assert saved == [(CKPT, 4), (BEST, 4), (CKPT, 5), (CKPT, 7), (BEST, 7)] and record["steps"] == 7
     ckpt = load_checkpoint(tmp_path / "out" / CKPT)
     assert sorted(ckpt) == ["bad_evals", "batch", "best_step", "best_val", "clock_s", "codebooks", "config", "dtype",
-                            "end", "epoch", "init_from", "model", "optimizer", "prep_dir", "rng", "run_id", "state_dict",
-                            "step", "stopped_early", "train_config", "val"]
+                            "end", "epoch", "init_from", "model", "optimizer", "prep_dir", "rng", "run_id",
+                            "state_dict", "step", "stopped_early", "train_config", "val"]
     assert sorted(load_checkpoint(tmp_path / "out" / BEST)) == sorted(WEIGHTS)
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch"]) == (7, 1, 3)  # 7 batches: 4 of epoch 0, 3 of epoch 1
     assert ckpt["val"] == {k: metrics[k][7] for k in ("val/loss", "val/accuracy")} == record["metrics"]

@@ -74,14 +74,14 @@ def _weights(job: Job, data: Data, state: State, run_id: str | None) -> dict:
             "init_from": str(job.init_from) if job.init_from is not None else None}  # what a part started from
 
 
-def save_state(job: Job, data: Data, state: State, run_id: str | None, dtype: torch.dtype | None = None) -> None:
+def save_state(job: Job, data: Data, state: State, run_id: str | None, dtype: torch.dtype) -> None:
     """ckpt.pt (atomically; keys: tasks/infra/checkpoint.py), then train.json naming its step. dtype: the precision
     the steps run in, which a resumed run keeps (trainer.measured_precision)."""
     save_checkpoint(job.ckpt_path, {
         **_weights(job, data, state, run_id), "optimizer": state.opt.state_dict(), "epoch": state.stream.epoch,
         "batch": state.stream.batch, "rng": rng_state(), "best_val": state.best, "best_step": state.best_step,
         "bad_evals": state.bad_evals, "stopped_early": state.stopped, "clock_s": state.clock.spent,
-        "end": job.cfg.max_steps, "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+        "end": job.cfg.max_steps, "dtype": str(dtype).removeprefix("torch."),
     })
     write_json(job.out_dir / STATE, {"run_id": run_id, "checkpoint_step": state.step})
 
