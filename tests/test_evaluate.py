@@ -350,16 +350,20 @@ def test_a_clip_started_from_the_judge_does_not_rerank_what_the_judge_reads(worl
 
 def test_roundtrip_imagegpt(world):
     """A blank ViT names every image a circle with probability 1/6: no sample is confident, and a completion's shape
-    is recovered exactly when the test image is a circle."""
-    out = world["tmp"] / "rt-imagegpt"
+    is recovered exactly when the test image is a circle (over all of them, the seen pairs and the held-out ones)."""
+    out, rows = world["tmp"] / "rt-imagegpt", split_rows(world, "image")
     res = roundtrip.roundtrip_imagegpt(world["ckpts"]["imagegpt"], world["blank"]["vit"], world["prep"],
-                                       world["codebooks"], out, BUILTIN, samples=6, completions=5)
+                                       world["codebooks"], out, BUILTIN, samples=6, completions=len(rows))
     check_common(res, out)
-    m, rows = res["metrics"], split_rows(world, "image")[:5]
+    m = res["metrics"]
     assert m["confident_share"] == m["coherent_confident_share"] == m["shapes_covered"] == 0.0
-    circles = sum(r["meta"]["shape"] == "circle" for r in rows) / len(rows)
-    assert m["n_completions"] == 5 and m["completion_shape_recovered"] == m["prompt_only_shape_recovered"] == circles
-    assert m["completion_ceiling"] == circles and 0 <= m["n_visible"] <= 5
+    circles = sum(r["meta"]["shape"] == "circle" for r in rows)
+    assert m["n_completions"] == len(rows) and m["completion_shape_recovered"] == circles / len(rows)
+    assert m["prompt_only_shape_recovered"] == m["completion_ceiling"] == circles / len(rows)
+    assert 0 <= m["n_visible"] <= len(rows)
+    held = sum(BUILTIN.is_heldout(r["meta"]) for r in rows)  # no held-out pair is a circle: none of theirs recovered
+    assert m["n_heldout"] == held > 0 and m["heldout_completion_shape_recovered"] == 0.0
+    assert m["n_seen"] == len(rows) - held and m["seen_completion_shape_recovered"] == circles / (len(rows) - held)
     assert {"samples.png", "completions.png"} <= set(res["artifacts"])
 
 

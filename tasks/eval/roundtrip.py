@@ -221,9 +221,10 @@ def _t2i_grids(tmp: Path, prompts: list[str], samples: int, pixels: torch.Tensor
 
 
 IMAGEGPT_SAMPLES = 96  # unconditional ImageGPT samples judged
-# Test images whose top half ImageGPT completes. 48 gave a standard error of ~0.07 (the default checkpoint: 0.48 on the
-# first 48, 0.39 on all 368); 192 gives ~0.035 for ~30 s more on two cores.
-IMAGEGPT_COMPLETIONS = 192
+# Test images whose top half ImageGPT completes (the first ones in file order): every one of the built-in set's 1,399.
+# The first 192 read 0.04-0.10 higher than all of them (six checkpoints of 2026-12-03: 0.630-0.729 against
+# 0.583-0.635), more than their standard error of ~0.035; all 1,399 (~0.013) take ~20 s on two cores.
+IMAGEGPT_COMPLETIONS = 2048
 CONFIDENT = 0.5  # a sample the ViT names with at least this top-1 probability "is" a shape (it says so of noise too)
 PURE = 0.8  # a sample whose dominant colour is at least this share of its foreground is one coloured thing
 # A completion is "visible" when its given top half holds at least this share of the thing's pixels. Of the built-in
@@ -256,8 +257,9 @@ def roundtrip_imagegpt(imagegpt_ckpt: Path, classifier_ckpt: Path, prep_dir: Pat
     colour_purity >= PURE; both; the shapes the coherent confident ones cover), and completions of test images from
     their top half (the share whose shape the ViT recovers; `prompt_only`: the same ViT on the top half with the
     bottom filled by the top-left pixel, what the given half alone tells; `ceiling`: the same ViT on the real image at
-    ImageGPT's size and palette, what a perfect completion scores), over every completion and over the `visible` ones
-    (shown_share >= VISIBLE). Samples drawn as `how` says, completions as `complete`. Grids of both."""
+    ImageGPT's size and palette, what a perfect completion scores), over every completion, over the `visible` ones
+    (shown_share >= VISIBLE), and over the `heldout` and `seen` ones (held out: a (shape, colour) pair kept out of
+    training, ImageGPT's too). Samples drawn as `how` says, completions as `complete`. Grids of both."""
     name, gpt, ctx = load_model(imagegpt_ckpt, prep_dir, codebooks, role="image-sampler")
     _, vit, vctx = load_model(classifier_ckpt, prep_dir, role="image-classifier")
     size, g = vctx.data.image_size, torch.Generator().manual_seed(SEED)
@@ -280,15 +282,19 @@ def roundtrip_imagegpt(imagegpt_ckpt: Path, classifier_ckpt: Path, prep_dir: Pat
     given = done.clone()
     given[:, :, half:] = given[:, :, :1, :1]  # the bottom half as the top-left (background) pixel
     small = imagegpt_pixels(gpt, ctx, imagegpt_tokens(gpt, ctx, real))  # (M, 3, side, side): the real image's
-    visible = (shown_share(small, half) >= VISIBLE).tolist()
-    metrics.update(n_completions=float(len(test)), n_visible=float(sum(visible)))
+    heldout = [vocab.is_heldout(t["info"].get("meta") or {}) for t in test]
+    groups = {"visible": (shown_share(small, half) >= VISIBLE).tolist(), "heldout": heldout,
+              "seen": [not h for h in heldout]}
+    metrics.update(n_completions=float(len(test)), **{f"n_{g}": float(sum(m)) for g, m in groups.items()})
     named = {}
     for key, pixels in (("completion_shape_recovered", done), ("prompt_only_shape_recovered", given),
                         ("completion_ceiling", small)):
         named[key] = _judge_images(_upsampled(pixels, size), vit, vctx, None, None, vocab)["shape"]
         hits = [a == b for a, b in zip(named[key], truth)]
-        seen = [h for h, v in zip(hits, visible) if v]
-        metrics.update({key: sum(hits) / len(test), **({f"visible_{key}": sum(seen) / len(seen)} if seen else {})})
+        metrics[key] = sum(hits) / len(test)
+        for group, member in groups.items():
+            if part := [h for h, m in zip(hits, member) if m]:
+                metrics[f"{group}_{key}"] = sum(part) / len(part)
     record: dict = {}
     with atomic_dir(out_dir, record) as tmp:
         titles = [f"vit: {s} ({q:.2f})\npurity {u:.2f}" for s, q, u in zip(got["shape"], got["shape_p"],
