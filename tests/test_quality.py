@@ -25,7 +25,7 @@ CHANCE = 1 / 6
 SMALL = dict(dim=64, depth=2, n_heads=2)
 TRAIN = {  # per model: TrainConfig fields (tasks/train/trainer.py) on top of the model's own; the image models a fixed
     # count (ViT 300, CLIP 300; CLIP had 179 by its epochs before they were cut for the 8,000-image built-in set)
-    "vit": dict(max_steps=300, epochs=None),
+    "vit": dict(max_steps=300, epochs=None, warmup_steps=50),  # 50 of its 300 steps warm up, as before the 200
     "ast": dict(max_steps=300, lr=1e-3, min_lr=1e-4, warmup_steps=30),
     "clip": dict(max_steps=300, epochs=None, warmup_steps=30),
     "asr": dict(max_steps=300, lr=2e-3, min_lr=2e-4, warmup_steps=30),
