@@ -242,6 +242,15 @@ def shown_share(pixels: torch.Tensor, rows: int) -> torch.Tensor:
     return fg[:, :rows].flatten(1).sum(1) / fg.flatten(1).sum(1).clamp(min=1)
 
 
+def _shares(key: str, hits: list[bool], groups: dict[str, list[bool]]) -> dict[str, float]:
+    """{key: the share of hits, f"{group}_{key}": the share among each group's members (groups with none left out)}."""
+    out = {key: sum(hits) / len(hits)}
+    for group, member in groups.items():
+        if part := [h for h, m in zip(hits, member) if m]:
+            out[f"{group}_{key}"] = sum(part) / len(part)
+    return out
+
+
 def _upsampled(pixels: torch.Tensor, size: int) -> torch.Tensor:
     """ImageGPT's (N, 3, side, side) palette pixels -> (N, 3, size, size) for the judges (nearest neighbour)."""
     return torch.nn.functional.interpolate(pixels, size=(size, size), mode="nearest")
@@ -285,16 +294,12 @@ def roundtrip_imagegpt(imagegpt_ckpt: Path, classifier_ckpt: Path, prep_dir: Pat
     heldout = [vocab.is_heldout(t["info"].get("meta") or {}) for t in test]
     groups = {"visible": (shown_share(small, half) >= VISIBLE).tolist(), "heldout": heldout,
               "seen": [not h for h in heldout]}
-    metrics.update(n_completions=float(len(test)), **{f"n_{g}": float(sum(m)) for g, m in groups.items()})
+    metrics.update(n_completions=float(len(test)), **{f"n_{k}": float(sum(m)) for k, m in groups.items()})
     named = {}
     for key, pixels in (("completion_shape_recovered", done), ("prompt_only_shape_recovered", given),
                         ("completion_ceiling", small)):
         named[key] = _judge_images(_upsampled(pixels, size), vit, vctx, None, None, vocab)["shape"]
-        hits = [a == b for a, b in zip(named[key], truth)]
-        metrics[key] = sum(hits) / len(test)
-        for group, member in groups.items():
-            if part := [h for h, m in zip(hits, member) if m]:
-                metrics[f"{group}_{key}"] = sum(part) / len(part)
+        metrics.update(_shares(key, [a == b for a, b in zip(named[key], truth)], groups))
     record: dict = {}
     with atomic_dir(out_dir, record) as tmp:
         titles = [f"vit: {s} ({q:.2f})\npurity {u:.2f}" for s, q, u in zip(got["shape"], got["shape_p"],
