@@ -88,15 +88,28 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
+def group_shares(key: str, hits: list[bool], groups: dict[str, list[bool]]) -> dict[str, float]:
+    """{key: the share of hits, f"{group}_{key}": the share among each group's members}; a key with no hits to count
+    is left out."""
+    out = {key: sum(hits) / len(hits)} if hits else {}
+    for group, member in groups.items():
+        if part := [h for h, m in zip(hits, member, strict=True) if m]:
+            out[f"{group}_{key}"] = sum(part) / len(part)
+    return out
+
+
+def pair_groups(heldout: list[bool]) -> dict[str, list[bool]]:
+    """The items of seen and of held-out (shape, colour) pairs, as group_shares takes them."""
+    return {"seen": [not h for h in heldout], "heldout": heldout}
+
+
 def subset_rates(got: dict[str, list], want: dict[str, list], heldout: list[bool]) -> dict[str, float]:
     """{"<key>_recovered", "seen_<key>_recovered", "heldout_<key>_recovered": fraction of got[key] == want[key]} over
     every item, the items of seen pairs and of held-out pairs (a subset with no items is left out)."""
     out = {}
     for key, w in want.items():
-        for prefix, keep in (("", [True] * len(w)), ("seen_", [not h for h in heldout]), ("heldout_", heldout)):
-            hits = [g == t for g, t, k in zip(got[key], w, keep, strict=True) if k]
-            if hits:
-                out[f"{prefix}{key}_recovered"] = sum(hits) / len(hits)
+        hits = [g == t for g, t in zip(got[key], w, strict=True)]
+        out.update(group_shares(f"{key}_recovered", hits, pair_groups(heldout)))
     return out
 
 
@@ -242,15 +255,6 @@ def shown_share(pixels: torch.Tensor, rows: int) -> torch.Tensor:
     return fg[:, :rows].flatten(1).sum(1) / fg.flatten(1).sum(1).clamp(min=1)
 
 
-def _shares(key: str, hits: list[bool], groups: dict[str, list[bool]]) -> dict[str, float]:
-    """{key: the share of hits, f"{group}_{key}": the share among each group's members (groups with none left out)}."""
-    out = {key: sum(hits) / len(hits)}
-    for group, member in groups.items():
-        if part := [h for h, m in zip(hits, member) if m]:
-            out[f"{group}_{key}"] = sum(part) / len(part)
-    return out
-
-
 def _upsampled(pixels: torch.Tensor, size: int) -> torch.Tensor:
     """ImageGPT's (N, 3, side, side) palette pixels -> (N, 3, size, size) for the judges (nearest neighbour)."""
     return torch.nn.functional.interpolate(pixels, size=(size, size), mode="nearest")
@@ -282,7 +286,8 @@ def roundtrip_imagegpt(imagegpt_ckpt: Path, classifier_ckpt: Path, prep_dir: Pat
                "coherent_share": sum(coherent) / samples,
                "coherent_confident_share": sum(a and b for a, b in zip(coherent, confident)) / samples,
                "shapes_covered": float(len(covered))}
-    test = Run(name, gpt, ctx, "test", completions, Path(out_dir)).first()
+    run = Run(name, gpt, ctx, "test", completions, Path(out_dir), vocab)
+    test = run.first()
     real = sample_pixels(test)  # (M, 3, S, S) 0..255
     truth = [vocab.truth(t["info"].get("meta") or {})["shape"] for t in test]
     half = math.isqrt(gpt.cfg.seq_len) // 2
@@ -291,15 +296,13 @@ def roundtrip_imagegpt(imagegpt_ckpt: Path, classifier_ckpt: Path, prep_dir: Pat
     given = done.clone()
     given[:, :, half:] = given[:, :, :1, :1]  # the bottom half as the top-left (background) pixel
     small = imagegpt_pixels(gpt, ctx, imagegpt_tokens(gpt, ctx, real))  # (M, 3, side, side): the real image's
-    heldout = [vocab.is_heldout(t["info"].get("meta") or {}) for t in test]
-    groups = {"visible": (shown_share(small, half) >= VISIBLE).tolist(), "heldout": heldout,
-              "seen": [not h for h in heldout]}
+    groups = {"visible": (shown_share(small, half) >= VISIBLE).tolist(), **pair_groups([run.heldout(t) for t in test])}
     metrics.update(n_completions=float(len(test)), **{f"n_{k}": float(sum(m)) for k, m in groups.items()})
     named = {}
     for key, pixels in (("completion_shape_recovered", done), ("prompt_only_shape_recovered", given),
                         ("completion_ceiling", small)):
         named[key] = _judge_images(_upsampled(pixels, size), vit, vctx, None, None, vocab)["shape"]
-        metrics.update(_shares(key, [a == b for a, b in zip(named[key], truth)], groups))
+        metrics.update(group_shares(key, [a == b for a, b in zip(named[key], truth)], groups))
     record: dict = {}
     with atomic_dir(out_dir, record) as tmp:
         titles = [f"vit: {s} ({q:.2f})\npurity {u:.2f}" for s, q, u in zip(got["shape"], got["shape_p"],
