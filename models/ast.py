@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.rng import Dropout
 from models.seq2seq import MelStem
 from models.transformer import Transformer, init_weights
 from models.vit import ViTEncoder
@@ -63,7 +64,7 @@ class FramesEncoder(nn.Module):
         self.stem = MelStem(n_mels, dim)
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + (n_frames + 1) // 2, dim) * 0.02)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.transformer = Transformer(dim, depth, n_heads, mlp_ratio, dropout)
         self.transformer.apply(init_weights)
 

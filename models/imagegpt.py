@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.embeddings import RowAbove, raster_side, sinusoidal
+from models.rng import Dropout
 from models.transformer import KVCache, Transformer, init_weights, sample_logits
 
 
@@ -46,7 +47,7 @@ class ImageGPT(nn.Module):
         self.above = (RowAbove(cfg.vocab_size, cfg.dim, raster_side(cfg.seq_len, "row_above"), cfg.seq_len)
                       if cfg.row_above else None)
         self.register_buffer("pos", sinusoidal(cfg.seq_len, cfg.dim), persistent=False)  # (L, D)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.transformer = Transformer(cfg.dim, cfg.depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, causal=True)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.apply(init_weights)

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.embeddings import RowAbove, raster_side, sinusoidal
+from models.rng import Dropout
 from models.tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 from models.transformer import KVCache, Transformer, init_weights, sample_logits
 
@@ -101,7 +102,7 @@ class Seq2Seq(nn.Module):
                       if cfg.tgt_row_above else None)
         self.decoder = Transformer(cfg.dim, cfg.dec_depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout,
                                    causal=True, cross=True)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.apply(init_weights)
         for pos in (self.tgt_row, self.tgt_col) if cfg.tgt_grid else (self.tgt_pos,):
             nn.init.normal_(pos, std=0.02)

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.rng import Dropout, generator
+
 
 class KVCache:
     """Keys/values of past decoding steps, one pair of dicts per block.
@@ -53,7 +55,7 @@ class Attention(nn.Module):
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.resid_drop = nn.Dropout(dropout)
+        self.resid_drop = Dropout(dropout)
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         B, T, D = t.shape
@@ -100,7 +102,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(dim, hidden)
         self.proj = nn.Linear(hidden, dim)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x):
         return self.drop(self.proj(F.gelu(self.fc(x))))
@@ -111,7 +113,7 @@ def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     by 1 / (1 - p) while training; x itself at p=0 or in eval mode."""
     if p == 0.0 or not training:
         return x
-    keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - p)  # (B, 1, 1): 1 keeps the sample's branch
+    keep = x.new_empty(x.shape[0], *(1,) * (x.ndim - 1)).bernoulli_(1 - p, generator=generator(x.device))  # (B, 1, 1)
     return x * keep / (1 - p)
 
 

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.embeddings import sinusoidal
+from models.rng import Dropout
 from models.tokenizer import PAD_ID, VOCAB_SIZE
 from models.transformer import Transformer, init_weights
 
@@ -87,7 +88,7 @@ class TTS(nn.Module):
         self.frame_pos = nn.Parameter(torch.zeros(self.n_queries, cfg.dim))  # absolute position of each query, learned
         self.decoder = Transformer(cfg.dim, cfg.dec_depth, cfg.n_heads, cfg.mlp_ratio, cfg.dropout, cross=cfg.cross)
         self.head = nn.Linear(cfg.dim, cfg.reduction * cfg.n_mels)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.apply(init_weights)
         nn.init.normal_(self.frame_pos, std=0.02)
         # as large as the sinusoidal positions it is added to: at init's std 0.02 the positions drown the bytes and

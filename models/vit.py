@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.embeddings import ConvStem, PatchEmbed, _pair, resize_pos_embed
+from models.rng import Dropout
 from models.transformer import Transformer, init_weights
 
 
@@ -56,7 +57,7 @@ class ViTEncoder(nn.Module):
         self.grid = self.patch_embed.grid(*in_size)  # (gh, gw) of the learned table
         self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)  # x_class
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + self.grid[0] * self.grid[1], dim) * 0.02)  # E_pos
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.transformer = Transformer(dim, depth, n_heads, mlp_ratio, dropout, drop_path=drop_path)
         self.transformer.apply(init_weights)
 

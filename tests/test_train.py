@@ -227,7 +227,8 @@ def test_every_metric_of_step_k_is_logged_at_step_k(prep, tmp_path, monkeypatch)
         assert sorted(metrics[key]) == [3, 6, 7], key
     assert metrics["data/epoch"] == {3: 0, 6: 1, 7: 1}
     assert sorted(metrics["val/loss"]) == sorted(metrics["val/accuracy"]) == [4, 7]
-    assert metrics["val/accuracy"][7] > metrics["val/accuracy"][4]  # so step 7 is a better evaluation
+    val = {k: {key: metrics[key][k] for key in ("val/loss", "val/accuracy")} for k in (4, 7)}
+    assert MODELS["vit"].score(val[7]) > MODELS["vit"].score(val[4])  # step 7 is a better evaluation (ties: loss)
     assert saved == [(CKPT, 4), (BEST, 4), (CKPT, 5), (CKPT, 7), (BEST, 7)] and record["steps"] == 7
     ckpt = load_checkpoint(tmp_path / "out" / CKPT)
     assert sorted(ckpt) == ["bad_evals", "batch", "best_step", "best_val", "clock_s", "codebooks", "config", "dtype",

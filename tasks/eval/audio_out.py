@@ -26,6 +26,7 @@ import soundfile as sf
 import torch
 import torchaudio
 
+from models import rng
 from tasks.data import loader
 from tasks.data.features import MelConfig, log_mel
 from tasks.data.shards import shard_urls
@@ -66,8 +67,7 @@ def mel_to_wave(mel: torch.Tensor, cfg: MelConfig, mean: float = 0.0, std: float
     inv_mel, griffin_lim = _inverse(cfg)
     power = torch.exp(mel.float() * std + mean)  # (B, n_mels, n_frames), mel power
     linear = inv_mel(power)  # (B, n_fft // 2 + 1, n_frames), non-negative
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
+    with rng.seeded(SEED):  # Griffin-Lim's initial phase: torch's global generator, for this thread alone
         wave = griffin_lim(linear)  # (B, n_samples)
     peak = wave.abs().amax(dim=-1, keepdim=True).clamp_min(1.0)  # only scale down what would clip
     return wave / peak

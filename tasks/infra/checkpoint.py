@@ -24,6 +24,7 @@ import random
 import numpy as np
 import torch
 
+from models import rng
 from tasks.infra import storage
 
 CKPT = "ckpt.pt"
@@ -38,7 +39,8 @@ class CheckpointError(RuntimeError):
 
 
 def rng_state() -> dict:
-    """Torch, CUDA, numpy and Python RNG states as tensors, ints and lists (loadable with weights_only=True)."""
+    """Torch, CUDA, numpy and Python RNG states as tensors, ints and lists (loadable with weights_only=True), and the
+    states of this thread's own generators ("draws", models/rng.py: a training's draws)."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     version, py_state, py_gauss = random.getstate()
     return {
@@ -47,6 +49,7 @@ def rng_state() -> dict:
         "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
                   "gauss": float(gauss)},
         "python": {"version": version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+        "draws": draws.state() if (draws := rng.current()) is not None else {},
     }
 
 
@@ -58,6 +61,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = state["python"]
     random.setstate((p["version"], tuple(p["state"].tolist()), p["gauss"]))
+    if (draws := rng.current()) is not None:
+        draws.load(state.get("draws", {}))  # a checkpoint from before them has none: the draws go on from the seed
 
 
 def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> None:

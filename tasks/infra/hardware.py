@@ -20,6 +20,8 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
+from models import rng
+
 _PEAK_FLOPS: dict[tuple[str, torch.dtype, int], float] = {}
 
 
@@ -117,11 +119,12 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
 def faster_dtype(step: Callable[[], None], device: torch.device, repeats: int = 3,
                  dtypes: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float32)) -> tuple[torch.dtype, dict]:
     """(the faster for `step` of `dtypes`, bf16 autocast and fp32; {dtype: seconds a call}): the best of `repeats`
-    timed calls after one warm-up, torch's random state left as it was. A device's matmul peak (compute_dtype) does
+    timed calls after one warm-up, drawing from generators of its own and from torch's global one seeded, held and
+    put back (models/rng.py): a training's draws are as they were. A device's matmul peak (compute_dtype) does
     not decide it for a small model: on a CPU with AMX, bf16's products are ~4x faster, yet the casts around them can
     cost more."""
     seconds = {}
-    with torch.random.fork_rng(devices=[]):
+    with rng.own_draws(0), rng.seeded(0):
         for dtype in dtypes:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
                 step()

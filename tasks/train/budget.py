@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from models import rng
 from tasks.infra import storage
 from tasks.infra.common import write_json
 
@@ -144,8 +145,7 @@ def probe_seconds(device: str = "cpu", precision: str = "auto", threads: int = 1
     fast_bf16 = compute_dtype(precision, dev) == torch.bfloat16
     both = fast_bf16 and precision == "auto" and dev.type == "cpu"
     dtypes = (torch.bfloat16, torch.float32) if both else (torch.bfloat16 if fast_bf16 else torch.float32,)
-    with torch.random.fork_rng(devices=[]), cpu_threads(threads):
-        torch.manual_seed(0)
+    with rng.seeded(0), cpu_threads(threads):
         net = Transformer(128, 4, 4).to(dev)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         x = torch.randn(32, 64, 128, device=dev)

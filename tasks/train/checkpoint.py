@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from models import rng
 from tasks.infra.checkpoint import (
     STATE,
     WEIGHTS,
@@ -63,6 +64,8 @@ def restore_rng(env: Env, ckpt: dict, seed: int) -> None:
     set_rng_state(ckpt["rng"])
     if env.rank:
         torch.manual_seed(seed + env.rank + ckpt["step"])
+        if (draws := rng.current()) is not None:
+            draws.reseed(seed + env.rank + ckpt["step"])
 
 
 # ---------------------------------------------------------------------------------------------------- save

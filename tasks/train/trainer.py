@@ -34,6 +34,11 @@ step's train/loss is buffered after its other metrics, so a stored train/loss at
 skip_through), and every metric step reaches MLflow exactly once. `out_dir/_SUCCESS` marks a finished run; train()
 then returns its record without training. Checkpoints load only with torch.load(weights_only=True).
 
+Random draws: a training draws its dropout masks, stochastic depth and augmentations from generators of its own,
+seeded with `seed` (+ the rank; models/rng.py own_draws), and its initial weights from torch's global generator seeded
+with `seed` under a lock (rng.seeded). So its weights after step k depend on the seed and the data alone, whatever
+trains beside it on other threads (flows/pipeline.py's lanes).
+
 DDP: under torchrun (WORLD_SIZE > 1) every rank trains on its own shards (webdataset split_by_node); rank 0 alone
 evaluates (all of the val split), logs and writes checkpoints.
 """
@@ -56,6 +61,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from models import rng
 from tasks.data import loader, shards
 from tasks.infra import storage
 # CKPT, CheckpointError, load_checkpoint, save_checkpoint: re-exported for trainer users (save_checkpoint is called
@@ -211,8 +217,8 @@ def init_part(net: nn.Module, model: str, path: Path) -> int:
 
 def build_state(job: Job, env: Env, data: Data, ckpt: dict | None) -> State:
     """The model (seeded), its optimiser, the data stream; from the checkpoint when resuming, else from init_from."""
-    torch.manual_seed(job.cfg.seed)
-    net = job.model_spec.build(data.model_cfg).to(env.device)
+    with rng.seeded(job.cfg.seed):  # initialisation draws from torch's global generator, held by this thread alone
+        net = job.model_spec.build(data.model_cfg).to(env.device)
     opt = make_optimizer(net, job.cfg, env.device)
     step, epoch, batch, val = 0, 0, 0, {}
     if ckpt is not None:
@@ -420,6 +426,11 @@ def train(
 
 def _train(job: Job) -> dict:
     env = setup(job.cfg)
+    with rng.own_draws(job.cfg.seed + env.rank):  # this thread's draws, whatever trains beside it (models/rng.py)
+        return _train_drawing(job, env)
+
+
+def _train_drawing(job: Job, env: Env) -> dict:
     data = load_data(job)
     job = with_budget(job, env, data)
     ckpt, run_id = resume_point(job, data)

@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from models.rng import generator
 from tasks.train.augment.common import mixup, settings
 
 
@@ -19,8 +20,8 @@ def spec_augment(mel: torch.Tensor, freq_mask: int = 16, time_mask: int = 16, n_
     bins, frames = torch.arange(F_)[None, :, None], torch.arange(T)[None, None, :]
     for size, n, axis in ((freq_mask, F_, bins), (time_mask, T, frames)):
         for _ in range(n_masks if size > 0 else 0):
-            width = torch.randint(0, min(size, n) + 1, (B, 1, 1))
-            start = (torch.rand(B, 1, 1) * (n - width + 1)).long()
+            width = torch.randint(0, min(size, n) + 1, (B, 1, 1), generator=generator())
+            start = (torch.rand(B, 1, 1, generator=generator()) * (n - width + 1)).long()
             keep &= ~((axis >= start) & (axis < start + width))
     return mel * keep
 
@@ -31,7 +32,7 @@ def time_shift(mel: torch.Tensor, max_shift: int) -> torch.Tensor:
     B, _, T = mel.shape
     if max_shift <= 0:
         return mel
-    shift = torch.randint(-max_shift, max_shift + 1, (B, 1, 1))
+    shift = torch.randint(-max_shift, max_shift + 1, (B, 1, 1), generator=generator())
     idx = (torch.arange(T)[None, None, :] - shift) % T  # (B, 1, T)
     return mel.gather(2, idx.expand_as(mel))
 
@@ -43,7 +44,8 @@ def freq_shift(mel: torch.Tensor, max_shift: float) -> torch.Tensor:
     B, F_, _ = mel.shape
     if max_shift <= 0:
         return mel
-    src = torch.arange(F_, dtype=mel.dtype)[None, :] - (torch.rand(B, 1) * 2 - 1) * max_shift  # (B, F)
+    shift = (torch.rand(B, 1, generator=generator()) * 2 - 1) * max_shift  # (B, 1)
+    src = torch.arange(F_, dtype=mel.dtype)[None, :] - shift  # (B, F)
     src = src.clamp(0, F_ - 1)
     lo = src.floor().long().clamp(max=F_ - 2) if F_ > 1 else src.floor().long()
     hi = (lo + 1).clamp(max=F_ - 1)
@@ -92,7 +94,7 @@ def speed_warp(mel: torch.Tensor, max_warp: float, max_stretch: float, sample_ra
     perturbation), one pair per clip."""
     if max_warp <= 0 and max_stretch <= 0:
         return mel
-    warp, stretch = 1 + (torch.rand(2, len(mel), dtype=torch.float64) * 2 - 1) * torch.tensor(
+    warp, stretch = 1 + (torch.rand(2, len(mel), dtype=torch.float64, generator=generator()) * 2 - 1) * torch.tensor(
         [[max_warp], [max_stretch]], dtype=torch.float64)
     return warp_mel(mel, warp, stretch, sample_rate, f_min)
 
@@ -107,12 +109,13 @@ def noise_floor(mel: torch.Tensor, drop: tuple[float, float], std: float, p: flo
     if p <= 0:
         return mel
     B, F_, _ = mel.shape
-    level = mel.amax((1, 2), keepdim=True) - (lo + torch.rand(B, 1, 1, dtype=mel.dtype) * (hi - lo))  # (B, 1, 1)
+    drop_by = lo + torch.rand(B, 1, 1, dtype=mel.dtype, generator=generator()) * (hi - lo)  # (B, 1, 1)
+    level = mel.amax((1, 2), keepdim=True) - drop_by  # (B, 1, 1)
     if tilt > 0:  # noise rising towards the top band by up to `tilt` std: a recording whose high bands drown first
         ramp = torch.linspace(0, 1, F_, dtype=mel.dtype)[None, :, None]  # (1, F, 1)
-        level = level + torch.rand(B, 1, 1, dtype=mel.dtype) * tilt * ramp  # (B, F, 1)
+        level = level + torch.rand(B, 1, 1, dtype=mel.dtype, generator=generator()) * tilt * ramp  # (B, F, 1)
     noisy = torch.logaddexp(mel * std, level * std) / std
-    return torch.where((torch.rand(B) < p)[:, None, None], noisy, mel)
+    return torch.where((torch.rand(B, generator=generator()) < p)[:, None, None], noisy, mel)
 
 
 def band_limit(mel: torch.Tensor, p: float, lowest: float = 0.5) -> torch.Tensor:
@@ -122,9 +125,9 @@ def band_limit(mel: torch.Tensor, p: float, lowest: float = 0.5) -> torch.Tensor
     if p <= 0:
         return mel
     B, F_, _ = mel.shape
-    cut = (lowest + torch.rand(B, 1, 1) * (1 - lowest)) * F_  # (B, 1, 1) the first drowned band
+    cut = (lowest + torch.rand(B, 1, 1, generator=generator()) * (1 - lowest)) * F_  # (B, 1, 1) the first drowned band
     quiet = mel.float().quantile(0.1, dim=2, keepdim=True).to(mel.dtype)  # (B, F, 1)
-    drowned = (torch.arange(F_)[None, :, None] >= cut) & (torch.rand(B, 1, 1) < p)  # (B, F, 1)
+    drowned = (torch.arange(F_)[None, :, None] >= cut) & (torch.rand(B, 1, 1, generator=generator()) < p)  # (B, F, 1)
     return torch.where(drowned, quiet.expand_as(mel), mel)
 
 
@@ -134,7 +137,7 @@ def random_gain(mel: torch.Tensor, max_offset: float) -> torch.Tensor:
     here in units of the data's log-mel std, so an offset d is a gain of d x std nats of power."""
     if max_offset <= 0:
         return mel
-    return mel + (torch.rand(len(mel), 1, 1, dtype=mel.dtype) * 2 - 1) * max_offset
+    return mel + (torch.rand(len(mel), 1, 1, dtype=mel.dtype, generator=generator()) * 2 - 1) * max_offset
 
 
 # noise_floor's level under the clip's loudest bin, in std units of the data's log-mel (the `floor_drop` setting).

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from models.rng import generator
 
 
 def settings(defaults: dict, given: bool | dict | None = None) -> dict:
@@ -17,6 +20,11 @@ def settings(defaults: dict, given: bool | dict | None = None) -> dict:
     return {**defaults, **extra}
 
 
+def beta(alpha: float) -> float:
+    """A draw of Beta(alpha, alpha) from this thread's generator (models/rng.py; torch's Beta takes none)."""
+    return float(np.random.default_rng(int(torch.randint(2**62, (), generator=generator()))).beta(alpha, alpha))
+
+
 def mixup(x: torch.Tensor, labels: torch.Tensor, n_classes: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Blend each sample with a shuffled partner: x' = lam x + (1 - lam) x[perm], targets likewise (B, n_classes).
 
@@ -24,8 +32,8 @@ def mixup(x: torch.Tensor, labels: torch.Tensor, n_classes: int, alpha: float) -
     target = F.one_hot(labels, n_classes).float()
     if alpha <= 0:
         return x, target
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
-    perm = torch.randperm(len(x))
+    lam = beta(alpha)
+    perm = torch.randperm(len(x), generator=generator())
     return lam * x + (1 - lam) * x[perm], lam * target + (1 - lam) * target[perm]
 
 
@@ -38,12 +46,12 @@ def cutmix(x: torch.Tensor, labels: torch.Tensor, n_classes: int, alpha: float) 
     if alpha <= 0:
         return x, target
     B, _, H, W = x.shape
-    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    lam = beta(alpha)
     side = math.sqrt(1 - lam)
     h, w = int(H * side), int(W * side)
-    cy, cx = torch.randint(0, H, ()).item(), torch.randint(0, W, ()).item()
+    cy, cx = (int(torch.randint(0, n, (), generator=generator())) for n in (H, W))
     y0, y1, x0, x1 = max(cy - h // 2, 0), min(cy + h // 2, H), max(cx - w // 2, 0), min(cx + w // 2, W)
-    perm = torch.randperm(B)
+    perm = torch.randperm(B, generator=generator())
     x = x.clone()
     x[:, :, y0:y1, x0:x1] = x[perm, :, y0:y1, x0:x1]
     pasted = (y1 - y0) * (x1 - x0) / (H * W)
@@ -56,6 +64,6 @@ def mix(x: torch.Tensor, labels: torch.Tensor, n_classes: int, mixup_alpha: floa
     (x, targets (B, n_classes)); neither: the batch and its labels (B,) as they were."""
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         return x, labels
-    if cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand(()) < 0.5):
+    if cutmix_alpha > 0 and (mixup_alpha <= 0 or torch.rand((), generator=generator()) < 0.5):
         return cutmix(x, labels, n_classes, cutmix_alpha)
     return mixup(x, labels, n_classes, mixup_alpha)

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from models.rng import generator
 from tasks.train.augment.common import mix, settings
 
 
@@ -17,10 +18,10 @@ def shift_flip(images: torch.Tensor, max_shift: int = 4, flip: bool = True) -> t
     s = max_shift
     if s > 0:
         padded = F.pad(images, (s, s, s, s), mode="replicate")  # (B, C, H + 2s, W + 2s)
-        dy, dx = torch.randint(0, 2 * s + 1, (2, B)).tolist()
+        dy, dx = torch.randint(0, 2 * s + 1, (2, B), generator=generator()).tolist()
         images = torch.stack([padded[i, :, dy[i]:dy[i] + H, dx[i]:dx[i] + W] for i in range(B)])
     if flip:
-        mirror = torch.rand(B) < 0.5
+        mirror = torch.rand(B, generator=generator()) < 0.5
         images = torch.where(mirror[:, None, None, None], images.flip(-1), images)
     return images
 
@@ -33,7 +34,7 @@ def grey(pixels: torch.Tensor) -> torch.Tensor:
 def _factors(n: int, strength: float) -> torch.Tensor:
     """(n, 1, 1, 1) factors uniform in [max(0, 1 - strength), 1 + strength]."""
     lo = max(0.0, 1.0 - strength)
-    return (lo + torch.rand(n) * (1.0 + strength - lo))[:, None, None, None]
+    return (lo + torch.rand(n, generator=generator()) * (1.0 + strength - lo))[:, None, None, None]
 
 
 def _blend(pixels: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -104,7 +105,7 @@ def _theta(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, d: torch.Tensor, t
 # enhance factors 1 +- 0.9, rotation 30 degrees, shear 0.3, translation 150/331 of the side, posterize to 4..8 bits,
 # solarize above 1 - strength. Equalize is left out (a per-image histogram: slow in batch, and it rarely mattered).
 def _signed(m: torch.Tensor) -> torch.Tensor:
-    return m * torch.where(torch.rand_like(m) < 0.5, -1.0, 1.0)
+    return m * torch.where(torch.rand(m.shape, generator=generator()) < 0.5, -1.0, 1.0)
 
 
 def _rotate(p, m, fill):
@@ -150,8 +151,8 @@ def trivial_augment(pixels: torch.Tensor, fill: torch.Tensor | None = None, ops:
     from outside the image (default black, torchvision's; vit_augment passes the data's mean colour)."""
     names = list(TRIVIAL_OPS if ops is None else ops)
     fill = torch.zeros(pixels.shape[1], 1, 1, dtype=pixels.dtype) if fill is None else fill
-    which = torch.randint(0, len(names), (len(pixels),))  # (B,) op per image
-    strength = torch.rand(len(pixels), 1, 1, 1)  # (B, 1, 1, 1)
+    which = torch.randint(0, len(names), (len(pixels),), generator=generator())  # (B,) op per image
+    strength = torch.rand(len(pixels), 1, 1, 1, generator=generator())  # (B, 1, 1, 1)
     out = pixels.clone()
     for k, name in enumerate(names):
         idx = (which == k).nonzero().flatten()
