@@ -62,7 +62,11 @@ def current() -> Draws | None:
 
 
 def generator(device: torch.device | str = "cpu") -> torch.Generator | None:
-    """This thread's generator for `device` inside `own_draws`, else None (torch's global one)."""
+    """This thread's generator for `device` inside `own_draws`, else None (torch's global one). None as well inside
+    torch.compile, which traces neither a context variable nor a generator argument (each would break the graph):
+    a compiled model's dropout draws from torch's global generator."""
+    if torch.compiler.is_compiling():
+        return None
     draws = current()
     return None if draws is None else draws.get(device)
 

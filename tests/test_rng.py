@@ -89,3 +89,14 @@ def test_a_model_trained_beside_others_ends_as_it_does_alone(prep, tmp_path):
     assert weights_equal(a, b)
     other = load_checkpoint(tmp_path / "other" / "ckpt.pt")["state_dict"]
     assert not weights_equal(a, other)  # the seed is what names the run
+
+
+def test_torch_compile_traces_dropout_in_one_graph():
+    """Under torch.compile the draws fall back to torch's global generator (a context variable or a generator
+    argument would break the graph at every dropout)."""
+    from models.transformer import Transformer
+
+    net = Transformer(32, 2, 2, dropout=0.2, drop_path=0.1).train()
+    with rng.own_draws(0):
+        explained = torch._dynamo.explain(net)(torch.randn(2, 8, 32))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
