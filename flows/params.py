@@ -190,13 +190,15 @@ class TrainParams(Params):
                                       "make run passes 19.5")
     lanes: int | None = Field(None, ge=1, description="models that train side by side, each in its own lane with "
                               "the whole of --train-minutes; default: on a CPU one a core (each trains on one "
-                              "thread), on a GPU one; under torchrun always one. Lanes share torch's random state: "
-                              "--lanes 1 for a run that repeats bit for bit")
+                              "thread), on a GPU one; under torchrun always one. Each training draws from "
+                              "generators of its own (`models/rng.py`), so a model ends the same in any lane beside "
+                              "any other")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto (a GPU if there is one), cpu or cuda")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto (bf16 where the model's own "
                                                        "training step runs faster, timed before training), bf16 or "
                                                        "fp32")
-    compile: bool = Field(False, description="torch.compile the training step")
+    compile: bool = Field(False, description="torch.compile the training step (its dropout then draws from torch's "
+                          "global generator: `models/rng.py`)")
     init_from_trained: bool = Field(True, description="start CLIP's image-tower stem from the trained ViT; "
                                     "off: CLIP from scratch")
     train_overrides: dict[str, dict] = Field(default_factory=dict, description='per model: {"vit": {"lr": 3e-4}}')

@@ -5,7 +5,9 @@ the allowed roots) in inputs.py.
 
 Table paths are relative to the table's own folder unless absolute. A row whose file is also in the folder of the
 same modality joins that item (resolved paths compared); any other row is an item of its own. Keys are
-f"{img|aud}-{sha1(identity)[:16]}", the identity being the path relative to its source root (folder or table folder).
+f"{img|aud}-{sha1(identity)[:16]}", the identity being the path relative to its source root (folder or table folder;
+a table row's file outside the table's folder: its absolute path). So a dataset moved with its table keeps its keys
+and the splits they hash to.
 
 Two digests of the inputs:
 - `Sources.cache_key()`: the pipeline's cache key for them (tasks/infra/cache.py asks for it). Cheap and opening
