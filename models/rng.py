@@ -10,8 +10,8 @@ run, so no run repeats and a seed names nothing. Here a training owns its draws 
   here), stochastic depth (transformer.drop_path) and the augmentations (tasks/train/augment).
 - `seeded(seed)`: torch's global generator seeded, then restored, under one lock, for what can only draw from it:
   the modules' initialisation (nn.Linear's reset_parameters takes no generator) and torchaudio's Griffin-Lim. Two
-  threads never interleave in it; code that draws from the global generator outside it still could (none in tessera
-  runs while a model trains: tests/test_rng.py).
+  threads never interleave in it; code that draws from the global generator outside it still could (a ViT's training
+  with every augmentation on draws none: tests/test_rng.py).
 """
 from __future__ import annotations
 
