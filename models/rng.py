@@ -74,9 +74,10 @@ def generator(device: torch.device | str = "cpu") -> torch.Generator | None:
 @contextmanager
 def own_draws(seed: int) -> Iterator[Draws]:
     """Within it, this thread's draws come from generators of its own, seeded with `seed` (module docstring)."""
-    token = _DRAWS.set(Draws(seed))
+    draws = Draws(seed)
+    token = _DRAWS.set(draws)
     try:
-        yield _DRAWS.get()
+        yield draws
     finally:
         _DRAWS.reset(token)
 

@@ -148,13 +148,13 @@ MODELS: dict[str, ModelSpec] = {
         # Label smoothing and stochastic depth (model_overrides {"vit": {"label_smoothing": 0.1, "drop_path": 0.1}})
         # and the photo augmentations of augment/image.py VIT_AUG (colour jitter, TrivialAugment, mixup, CutMix) are
         # off: none gained on both the built-in set and a photo stand-in over two seeds (figures beside VIT_AUG).
-        # Warmup 200 steps (50 before, 2026-12-03): after 50 some seeds sat near chance for hundreds of steps (loss
-        # ~1.7 at step 150), and one default run's ViT, drawing from the random state its lane shares, never caught
-        # up (test 0.51, and CLIP from its stem 0.12). Alone on the 8,000-image set, test accuracy (held-out pairs),
-        # warmup 50, seeds 0-4: 0.994 / 0.965 (0.937) / 0.995 / 0.950 (0.906) / 0.976 (0.952); warmup 200, seeds 1 /
-        # 3 / 4: 0.986 (0.973) / 0.999 (1.000) / 0.999 (0.999); lr 1e-3 instead, seeds 1 / 3: 0.939 / 0.989. The
-        # default run after it: 0.998 (0.996). Kept in short runs too: at `--steps 300` (README's example) a warmup
-        # of a fifth of the run (60) instead, seeds 0 / 1 / 2: 0.909 / 0.555 / 0.890 -> 0.853 / 0.580 / 0.523.
+        # Warmup 200 steps (50 before, 2026-12-03): after 50 some seeds sat near chance for hundreds of steps (loss ~1.7
+        # at step 150), and one default run's ViT, drawing from the random state the lanes then shared, never caught up
+        # (test 0.51, and CLIP from its stem 0.12). Alone on the 8,000-image set, test accuracy (held-out pairs), warmup
+        # 50, seeds 0-4: 0.994 / 0.965 (0.937) / 0.995 / 0.950 (0.906) / 0.976 (0.952); warmup 200, seeds 1 / 3 / 4:
+        # 0.986 (0.973) / 0.999 (1.000) / 0.999 (0.999); lr 1e-3 instead, seeds 1 / 3: 0.939 / 0.989. The default run
+        # after it: 0.998 (0.996). Kept in short runs too: at `--steps 300` (README's example) a warmup of a fifth of
+        # the run (60) instead, seeds 0 / 1 / 2: 0.909 / 0.555 / 0.890 -> 0.853 / 0.580 / 0.523.
         default=dict(SMALL_VIT, patch_size=8, stem="conv"), tiny=dict(TINY_VIT, patch_size=4, stem="conv"),
         train=dict(epochs=13.08, max_steps=7500, batch_size=64, lr=2e-3, min_lr=2e-4, warmup_steps=200,
                    weight_decay=0.05),
