@@ -69,10 +69,11 @@ def minutes_left(left: float | None, record: dict, cap: float | None) -> float |
 def train_config(model: str, p: PipelineParams, models: list[str] | None = None, minutes: float | None = None):
     """The model's TrainConfig: the table's, the run's flags, then its train_overrides. With training minutes (given,
     else --train-minutes), its time cap is its share of them among `models` (the run's), by each one's minutes in the
-    default run."""
+    default run; a model the run's minutes do not cut (table `time_capped`) keeps its own cap (MODEL_MINUTES)."""
     t = p.train
     minutes = minutes or t.train_minutes
-    share = minutes * spec(model).minutes / sum(spec(m).minutes for m in models or [model]) if minutes else None
+    share = (minutes * spec(model).minutes / sum(spec(m).minutes for m in models or [model])
+             if minutes and spec(model).time_capped else None)
     fields = {k: v for k, v in dict(max_steps=t.steps, epochs=None if t.steps else t.epochs, patience=t.patience,
                                     batch_size=t.batch_size, device=t.device, precision=t.precision,
                                     compile=t.compile, max_minutes=share).items()
@@ -81,9 +82,12 @@ def train_config(model: str, p: PipelineParams, models: list[str] | None = None,
 
 
 def train_order(models: list[str]) -> list[str]:
-    """The models in the given order, except that a model another one starts from (model table `init`) comes first."""
+    """The models in the given order, except that a model another one starts from (model table `init`) comes first,
+    then those the run's minutes do not cut (table `time_capped`), so the others share what they leave."""
     sources = [spec(m).init[0] for m in models if spec(m).init and spec(m).init[0] in models]
-    return [m for m in models if m in sources] + [m for m in models if m not in sources]
+    first = [m for m in models if m in sources]
+    uncut = [m for m in models if m not in first and not spec(m).time_capped]
+    return first + uncut + [m for m in models if m not in first and m not in uncut]
 
 
 def plan_models(params: PipelineParams, stats: dict) -> list[str]:

@@ -54,12 +54,79 @@ def test_mixup_blends_inputs_and_targets_alike():
     assert torch.equal(same, x) and torch.equal(onehot, torch.eye(4))
 
 
-def test_generative_models_are_never_augmented():
-    """The classifiers and the speech recogniser (its target is text) are; the models that generate their inputs'
-    kind are not."""
-    assert {n for n, s in MODELS.items() if s.augment is not None} == {"vit", "ast", "asr"}
-    for n in ("imagegpt", "t2i", "tts"):
+def test_only_imagegpt_of_the_generative_models_is_augmented():
+    """The classifiers and the speech recogniser (its target is text) are; of the models that generate their inputs'
+    kind only ImageGPT, whose hue swap gives it every colour on every shape (its captions-free targets stay images of
+    the data's palette); text-to-image's and text-to-speech's targets are what their text says."""
+    assert {n for n, s in MODELS.items() if s.augment is not None} == {"vit", "ast", "asr", "imagegpt"}
+    for n in ("t2i", "tts"):
         assert MODELS[n].augment is None
+
+
+def _thing(colour, background, rows=slice(2, 5)):
+    """(3, 8, 8) 0..255: a square of `colour` on `background`, its top row half blended into the background."""
+    x = torch.tensor(background, dtype=torch.float32)[:, None, None].expand(3, 8, 8).clone()
+    c = torch.tensor(colour, dtype=torch.float32)[:, None]
+    x[:, rows, 2:5] = c[:, :, None]
+    x[:, rows.start - 1, 2:5] = 0.5 * c + 0.5 * x[:, 0, :1]
+    return x
+
+
+def test_hue_swap_recolours_the_thing_in_a_partners_colour_and_keeps_its_background():
+    from models import rng
+
+    red, blue, green = (220, 30, 30), (30, 80, 230), (30, 160, 50)
+    x = torch.stack([_thing(red, (255, 255, 255)), _thing(blue, (128, 128, 128)), _thing(green, (0, 0, 0)),
+                     torch.full((3, 8, 8), 90.0)])  # the last one has no colour: never turned, never a partner
+    before, coloured = augment.dominant_hue(x)
+    assert coloured.tolist() == [True, True, True, False]
+    assert before[:3].tolist() == pytest.approx([0.0, augment.hues(x[1:2, :, 3:4, 3:4])[0].item(), 128 / 360], abs=0.01)
+    moved = 0
+    for seed in range(8):
+        with rng.own_draws(seed):
+            y = augment.hue_swap(x, share=1.0)
+        with rng.own_draws(seed):
+            assert torch.equal(augment.hue_swap(x, share=1.0), y)  # the same draws, the same swap
+        assert torch.equal(y[3], x[3])
+        assert torch.equal(y[:, :, 6:, :], x[:, :, 6:, :])  # the background is not touched
+        after, _ = augment.dominant_hue(y)
+        degrees = lambda h: sorted((h * 360).round().remainder(360).tolist())  # noqa: E731 (a hue's circle)
+        assert set(degrees(after[:3])) <= set(degrees(before[:3]))  # each took a partner's hue (or kept its own)
+        h, chroma = augment.hues(y)
+        assert torch.allclose(chroma, augment.hues(x)[1], atol=1e-3)  # value and chroma kept: blends stay blends
+        assert torch.allclose(y.amax(1), x.amax(1), atol=1e-3)
+        for i in range(3):  # every coloured pixel of an image, its blend included, has the image's new hue
+            on = chroma[i] > 1
+            assert torch.allclose(h[i][on], after[i].expand(int(on.sum())), atol=1e-3)
+        if abs(after[0] - before[1]) < 1e-3:  # the red square took the blue one's hue: close to that blue
+            assert (y[0, :, 3, 3] - torch.tensor(blue, dtype=torch.float32)).abs().max() < 20
+            moved += 1
+    assert moved > 0
+    assert torch.equal(augment.hue_swap(x, share=0.0), x)
+
+
+def test_imagegpt_augment_gives_back_codes_of_its_palette():
+    from models import rng
+    from models.vq import Codebook, image_to_tokens, tokens_to_image
+
+    colours = [(255, 255, 255), (220, 30, 30), (30, 80, 230), (237, 142, 142), (142, 167, 242)]
+    palette = Codebook.from_codes(torch.tensor(colours, dtype=torch.float32))
+    data = type("Data", (), {"codebook": lambda self, kind: type("C", (), {"codebook": palette})()})()
+    ctx = type("Ctx", (), {"data": data, "cfg": type("Cfg", (), {"seq_len": 64})()})()
+    x = torch.stack([_thing(colours[1], colours[0]), _thing(colours[2], colours[0])])
+    tokens = image_to_tokens(palette, x, patch=1)  # (2, 64)
+    assert set(tokens.unique().tolist()) == {0, 1, 2, 3, 4}
+    seen = set()
+    for seed in range(6):
+        with rng.own_draws(seed):
+            out = augment.imagegpt_augment({"tokens": tokens}, ctx, {"hue_swap": 1.0})["tokens"]
+        assert out.shape == tokens.shape and torch.equal(out == 0, tokens == 0)  # the background stays
+        seen.add(tuple(out[:, 3 * 8 + 3].tolist()))  # the two squares' colours: kept or swapped, blends alike
+        red_blend = out[0, 1 * 8 + 2].item()
+        assert red_blend == {1: 3, 2: 4}[out[0, 3 * 8 + 3].item()]
+    assert seen == {(1, 2), (2, 1)}
+    assert torch.equal(augment.imagegpt_augment({"tokens": tokens}, ctx, {"hue_swap": 0.0})["tokens"], tokens)
+    assert torch.equal(tokens_to_image(palette, tokens, 1, 8, 8)[0, :, 0, 0], torch.tensor([255.0, 255, 255]))
 
 
 def test_augment_settings_are_set_per_run_and_checked_before_work():

@@ -16,7 +16,7 @@ import tasks.train.budget as budget
 import tasks.train.trainer as trainer
 from flows.params import PipelineParams, TrainParams
 from tasks.infra.checkpoint import CKPT
-from tasks.train.table import MODELS
+from tasks.train.table import MODEL_MINUTES, MODELS
 from tasks.train.trainer import TrainConfig, get_lr, load_checkpoint, train
 
 from tests.helpers import (TINY_TRAIN, _shared_mlflow, failing_at, mlflow_db, prep,  # noqa: F401 (fixtures)
@@ -108,15 +108,17 @@ def test_a_run_that_fits_its_time_cap_is_the_uncapped_run(prep, tmp_path, monkey
 
 def test_a_run_shares_its_training_minutes_by_each_models_time_in_the_default_run():
     """--train-minutes: each model's time cap is its share by table `minutes` among the run's models (all of them:
-    the shares add up to the budget); without it, MODEL_MINUTES each; a model's own max_minutes wins."""
+    the shares add up to the budget, less the shares of the models it does not cut, table `time_capped`, which keep
+    MODEL_MINUTES); without it, MODEL_MINUTES each; a model's own max_minutes wins."""
     from flows.pipeline import train_config
-    from tasks.train.table import MODEL_MINUTES
 
     models = list(MODELS)
     run = PipelineParams(train=TrainParams(train_minutes=17))
     caps = {m: train_config(m, run, models).max_minutes for m in models}
-    assert sum(caps.values()) == pytest.approx(17)
     total = sum(MODELS[m].minutes for m in models)
+    uncut = [m for m in models if not MODELS[m].time_capped]
+    assert uncut == ["asr"] and caps["asr"] == MODEL_MINUTES
+    assert sum(caps[m] for m in models if m not in uncut) == pytest.approx(17 * (1 - MODELS["asr"].minutes / total))
     assert caps["t2i"] == pytest.approx(17 * MODELS["t2i"].minutes / total) and caps["t2i"] > caps["vit"]
     pair = train_config("vit", run, ["vit", "ast"]).max_minutes  # two models share the whole budget
     assert pair == pytest.approx(17 * MODELS["vit"].minutes / (MODELS["vit"].minutes + MODELS["ast"].minutes))
@@ -166,7 +168,9 @@ def test_a_run_shares_what_its_minutes_leave_for_training(tmp_path, monkeypatch)
     run = PipelineParams(train=TrainParams(run_minutes=20))
     minutes = training_minutes(run, tmp_path)
     assert minutes == pytest.approx(20 - 2 * budget.OTHER_MINUTES)
-    assert sum(train_config(m, run, models, minutes).max_minutes for m in models) == pytest.approx(minutes)
+    capped = [m for m in models if MODELS[m].time_capped]
+    assert sum(train_config(m, run, models, minutes).max_minutes for m in capped) == pytest.approx(
+        minutes * sum(MODELS[m].minutes for m in capped) / sum(MODELS[m].minutes for m in models))
     assert training_minutes(PipelineParams(train=TrainParams(run_minutes=20, train_minutes=8)), tmp_path) == 8
     assert training_minutes(PipelineParams(train=TrainParams(train_minutes=8)), tmp_path) == 8
     assert training_minutes(PipelineParams(), tmp_path) is None
@@ -191,9 +195,9 @@ def test_minutes_a_model_leaves_unused_go_to_the_models_after_it(tmp_path, monke
     import flows.pipeline as pipeline
 
     models = ["vit", "ast", "t2i"]
-    spent = {"vit": 0.5, "ast": None, "t2i": None}  # minutes each takes; None: all of its cap
+    spent = {"vit": 0.5, "ast": None, "t2i": None, "asr": 1.5}  # minutes each takes; None: all of its cap
 
-    def planned_caps(lanes: int = 1) -> dict[str, float]:
+    def planned_caps(lanes: int = 1, models: list[str] = models) -> dict[str, float]:
         caps = {}
 
         class Task:
@@ -227,6 +231,13 @@ def test_minutes_a_model_leaves_unused_go_to_the_models_after_it(tmp_path, monke
     assert two["t2i"] == pytest.approx(10)
     assert two["vit"] == pytest.approx(10 * MODELS["vit"].minutes / (MODELS["vit"].minutes + MODELS["ast"].minutes))
     assert 0.5 + two["ast"] == pytest.approx(10)
+    # a model the run's minutes do not cut (the speech recogniser) trains first (after a model another starts from:
+    # the ViT before CLIP), with its own cap, and the models after it share what it leaves
+    assert pipeline.train_order(["clip", "vit", "asr"]) == ["vit", "asr", "clip"]
+    assert pipeline.train_order(["vit", "ast", "t2i", "asr"]) == ["asr", "vit", "ast", "t2i"]
+    uncut = planned_caps(models=pipeline.train_order(["vit", "ast", "t2i", "asr"]))
+    assert uncut["asr"] == MODEL_MINUTES and uncut["vit"] == pytest.approx((10 - 1.5) * MODELS["vit"].minutes / total)
+    assert 1.5 + 0.5 + uncut["ast"] + uncut["t2i"] == pytest.approx(10)
     assert pipeline.minutes_left(10.0, {}, 4.0) == 6.0  # a record without train_seconds took its whole cap
     assert pipeline.minutes_left(10.0, {"train_seconds": 900}, 4.0) == pytest.approx(0.1)  # overran: 1% is left
     assert pipeline.minutes_left(None, {"train_seconds": 60}, None) is None  # no minutes: no caps

@@ -25,7 +25,7 @@ from models.seq2seq import Seq2Seq, Seq2SeqConfig, audio_to_text_config, text_to
 from models.tts import TTS, TTSConfig
 from models.vit import ViT, ViTConfig
 from tasks.infra.checkpoint import load_checkpoint
-from tasks.train.augment import asr_augment, ast_augment, vit_augment
+from tasks.train.augment import asr_augment, ast_augment, imagegpt_augment, vit_augment
 from tasks.train.batches import (BatchContext, DataInfo, asr_batch, ast_batch, clip_batch, imagegpt_batch,
                                  label_accuracy, retrieval_accuracy, t2i_batch, token_accuracy, tts_batch, vit_batch)
 
@@ -87,7 +87,7 @@ class ModelSpec:
     role: str | None = None  # its part in the round trips (tasks/eval/roundtrip.py ROLES), if any
     headline: tuple[str, ...] = ()  # its headline test metric: the first of these its evaluation reports
     accuracy: Callable[[torch.Tensor, dict], tuple[torch.Tensor, int]] | None = None
-    augment: Callable[[dict, BatchContext], dict] | None = None  # train-time augmentation; None: generative models
+    augment: Callable[[dict, BatchContext], dict] | None = None  # train-time augmentation (tasks/train/augment)
     init: tuple[str, str, str] | None = None  # (model, its prefix, our prefix): a part that can start from it
     # the validation metric that picks the best checkpoint and stops training early (TrainConfig.patience):
     # "val/accuracy" (higher is better; equal accuracy: lower val/loss) or "val/loss" (lower is better)
@@ -96,6 +96,10 @@ class ModelSpec:
     # by side, each model in the precision it measured faster: fp32, 2026-12-03): its share of its lane's minutes for
     # training (--train-minutes, or what --run-minutes leaves for it: each model's TrainConfig.max_minutes)
     minutes: float = 1.0
+    # False: a run's minutes never cut its steps (only its own MODEL_MINUTES cap); it trains first in its lane and the
+    # others share what it leaves (flows/pipeline.py train_order, train_config). For a model whose figures fall off a
+    # cliff below its planned steps and that judges another's round trip
+    time_capped: bool = True
 
     def build(self, cfg) -> nn.Module:
         return self.model_cls(cfg)
@@ -230,7 +234,7 @@ MODELS: dict[str, ModelSpec] = {
         train=dict(epochs=9.81, max_steps=7200, batch_size=32, lr=2e-3, min_lr=2e-4, warmup_steps=30,
                    weight_decay=0.05),
         codebook="pixels", evaluation="image-sampler", role="image-sampler", headline=("bits_per_token",),
-        minutes=6.3,
+        minutes=6.3, augment=imagegpt_augment,
     ),
     "asr": ModelSpec(
         "audio", Seq2Seq, Seq2SeqConfig, _asr, asr_batch,
@@ -246,6 +250,10 @@ MODELS: dict[str, ModelSpec] = {
         needs=("text",), evaluation="transcriber", role="speech-recogniser", headline=("cer",),
         minutes=0.58,
         accuracy=token_accuracy, augment=asr_augment,
+        # It judges text-to-speech, and its CER falls off a cliff below its steps: a default `make run` on an AMD EPYC
+        # (probed 1.80x, 2026-12-03) cut it to 177 of 250 steps, CER 0.305 (0.037 at 250), and text-to-speech's round
+        # trip read 0.404 (0.079 judged by the 250-step one). Its whole steps cost ~20 s there.
+        time_capped=False,
     ),
     "t2i": ModelSpec(
         "image", Seq2Seq, Seq2SeqConfig, _t2i, t2i_batch,
