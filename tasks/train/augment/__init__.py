@@ -10,8 +10,7 @@
   et al. 2019) and mixup (Zhang et al. 2018) with soft targets, which `F.cross_entropy` takes as class probabilities;
   random time and mel-axis shifts, a vocal-tract-length warp and a tempo stretch (speed_warp) are off: measured worse;
 - the speech recogniser's log-mel source: the same gain and noise floor (on), the warp and stretch, and SpecAugment, as
-  Park et al. introduced it for speech recognition (off by default, see ASR_AUG).
-
+  Park et al. introduced it for speech recognition (off by default, see ASR_AUG);
 - ImageGPT's palette codes: each image's hues turned to a shuffled partner's (hue_swap, IMAGEGPT_AUG), so the one
   coloured thing of a built-in image meets every colour, held-out pairs included.
 
