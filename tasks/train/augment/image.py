@@ -166,7 +166,8 @@ def trivial_augment(pixels: torch.Tensor, fill: torch.Tensor | None = None, ops:
 def hues(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 3, H, W) RGB -> (hue in [0, 1) (B, H, W), chroma max - min (B, H, W)): HSV's hue, 0 where chroma is 0."""
     r, g, b = pixels.unbind(1)
-    top, chroma = pixels.amax(1), pixels.amax(1) - pixels.amin(1)
+    top = pixels.amax(1)
+    chroma = top - pixels.amin(1)
     c = chroma.clamp_min(1e-12)
     h = torch.where(top == r, ((g - b) / c) % 6, torch.where(top == g, (b - r) / c + 2, (r - g) / c + 4))
     return torch.where(chroma > 0, h / 6, torch.zeros_like(h)), chroma
@@ -175,7 +176,8 @@ def hues(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def with_hue(pixels: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) RGB with each pixel's HSV hue set to `hue` (B, H, W) in [0, 1): value and chroma (so saturation)
     kept, so a blend of a colour with a grey background stays a blend, of the new colour, with the same grey."""
-    top, chroma = pixels.amax(1, keepdim=True), pixels.amax(1, keepdim=True) - pixels.amin(1, keepdim=True)
+    top = pixels.amax(1, keepdim=True)
+    chroma = top - pixels.amin(1, keepdim=True)
     k = (torch.tensor([5.0, 3.0, 1.0], dtype=pixels.dtype)[None, :, None, None] + 6 * hue[:, None]) % 6  # (B, 3, H, W)
     return top - chroma * torch.minimum(k, 4 - k).clamp(0, 1)
 
@@ -183,10 +185,14 @@ def with_hue(pixels: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
 def dominant_hue(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 3, H, W) RGB -> (each image's mean hue on the colour circle, weighted by chroma (B,); whether it has any
     colour at all (B,) bool). Of one coloured thing on a grey, white or black background: the thing's hue."""
-    h, chroma = hues(pixels)
+    return _dominant(*hues(pixels), pixels.amax())
+
+
+def _dominant(h: torch.Tensor, chroma: torch.Tensor, brightest: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """dominant_hue from the pixels' hues and chromas (B, H, W) and the batch's largest value."""
     angle = 2 * math.pi * h
     x, y = (chroma * angle.cos()).flatten(1).sum(1), (chroma * angle.sin()).flatten(1).sum(1)  # (B,)
-    return (torch.atan2(y, x) / (2 * math.pi)) % 1, chroma.flatten(1).amax(1) > 1e-3 * pixels.amax().clamp_min(1e-12)
+    return (torch.atan2(y, x) / (2 * math.pi)) % 1, chroma.flatten(1).amax(1) > 1e-3 * brightest.clamp_min(1e-12)
 
 
 def hue_swap(pixels: torch.Tensor, share: float = 0.5) -> torch.Tensor:
@@ -199,14 +205,14 @@ def hue_swap(pixels: torch.Tensor, share: float = 0.5) -> torch.Tensor:
     B = len(pixels)
     partner = torch.randperm(B, generator=generator())
     turn = torch.rand(B, generator=generator()) < share  # (B,)
-    hue, coloured = dominant_hue(pixels)
+    h, chroma = hues(pixels)  # (B, H, W) each
+    hue, coloured = _dominant(h, chroma, pixels.amax())
     turn &= coloured & coloured[partner]
     if not turn.any():
         return pixels
-    h, _ = hues(pixels[turn])
     shift = (hue[partner] - hue)[turn][:, None, None]  # (b, 1, 1)
     out = pixels.clone()
-    out[turn] = with_hue(pixels[turn], (h + shift) % 1)
+    out[turn] = with_hue(pixels[turn], (h[turn] + shift) % 1)
     return out
 
 
