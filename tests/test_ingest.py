@@ -375,6 +375,25 @@ def test_keys_stable_when_items_are_added_and_the_folder_moves(tmp_path, monkeyp
     assert len(grown) == len(keys1) + 1 and all(grown[k] == v for k, v in keys1.items())
 
 
+def test_table_rows_outside_the_tables_folder_keep_their_keys_when_the_tree_moves(tmp_path):
+    """A row naming a file beside the table's folder (../clips/x.png, allowed by allow_roots) is keyed by its path
+    from the table's folder, not by its absolute path: a moved or cloned tree keys (and so splits) alike."""
+    for name in ("a", "b"):
+        save_image(tmp_path / "a" / "imgs" / f"{name}.png", colour=(ord(name), 0, 0))
+    (tmp_path / "a" / "meta").mkdir()
+    (tmp_path / "a" / "meta" / "captions.csv").write_text("image,caption\n../imgs/a.png,red\n../imgs/b.png,blue\n")
+
+    def keyed(tree):
+        sources = Sources(captions=tree / "meta" / "captions.csv", allow_roots=(str(tree),))
+        rows = read_items(ingest(sources, CFG, tmp_path / f"out-{tree.name}"))
+        return digest_sources(sources, CFG), {r["text"]: r["key"] for r in rows}
+
+    digest, keys = keyed(tmp_path / "a")
+    assert len(set(keys.values())) == 2
+    shutil.move(tmp_path / "a", tmp_path / "b")
+    assert keyed(tmp_path / "b") == (digest, keys)
+
+
 class Boom(BaseException):
     pass
 

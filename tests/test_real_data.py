@@ -33,9 +33,9 @@ MARGIN = 0.2  # the round trip's CER: trained text-to-speech at least this much 
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory) -> dict:
     """The subset ingested, split by speaker (HELD_OUT in test) and preprocessed -> {"prep", "root", "lr"}. A table
-    row's key names its file relative to the table's folder, or by its absolute path when outside it
-    (ingest/sources.py), so the recordings are copied beside the table: read from the repo, the train/val split moved
-    with the checkout's path, and text-to-speech's round trip with it (CER 0.30 in one checkout, 0.70 in another)."""
+    row's key names its file by its path from the table's folder (ingest/sources.py), so the recordings are copied
+    beside the table: read from the repo, that path (../../work/..) moved with the checkout's, the train/val split with
+    it, and text-to-speech's round trip with that (CER 0.30 in one checkout, 0.70 in another)."""
     from tasks.data.features import MelConfig
     from tasks.data.ingest import IngestConfig, Sources, ingest
     from tasks.data.preprocess import PrepConfig, preprocess

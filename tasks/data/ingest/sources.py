@@ -6,8 +6,8 @@ the allowed roots) in inputs.py.
 Table paths are relative to the table's own folder unless absolute. A row whose file is also in the folder of the
 same modality joins that item (resolved paths compared); any other row is an item of its own. Keys are
 f"{img|aud}-{sha1(identity)[:16]}", the identity being the path relative to its source root (folder or table folder;
-a table row's file outside the table's folder: its absolute path). So a dataset moved with its table keeps its keys
-and the splits they hash to.
+a table row's file outside the table's folder: its path from there, ../clips/x.wav). So a dataset moved with its table
+keeps its keys and the splits they hash to.
 
 Two digests of the inputs:
 - `Sources.cache_key()`: the pipeline's cache key for them (tasks/infra/cache.py asks for it). Cheap and opening
@@ -351,7 +351,7 @@ def plan_kind(kind: Kind, sources: Sources, cfg: IngestConfig, ledger: Ledger) -
     if rows:
         table_dir = table.parent.resolve()
         for file, (_, r) in sorted(rows.items(), key=lambda kv: kv[1][0]):  # table order
-            rel = file.relative_to(table_dir).as_posix() if file.is_relative_to(table_dir) else file.as_posix()
+            rel = Path(os.path.relpath(file, table_dir)).as_posix()  # ../x.png beside it: a moved tree keys alike
             yield Job(
                 make_key(kind.modality, f"{kind.table}:{rel}"), kind.modality, str(file), path=file,
                 label=r["label"], text=r["text"], split=r["split"], meta=r["meta"],
