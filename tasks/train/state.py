@@ -47,8 +47,8 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers (capped at the number of shards)
     shuffle_buffer: int = 1000
     cpu_threads: int = 1  # torch threads on CPU while training; 0: torch's default (see hardware.cpu_threads)
-    # the model's train-time augmentation (table `augment`; none for generative models): True its defaults
-    # (tasks/train/augment/: VIT_AUG, AST_AUG, ASR_AUG), a dict those settings changed, False none
+    # the model's train-time augmentation (table `augment`; of the generative models ImageGPT's only): True its
+    # defaults (tasks/train/augment/: VIT_AUG, AST_AUG, ASR_AUG, IMAGEGPT_AUG), a dict of those settings, False none
     augment: bool | dict = True
 
     def __post_init__(self):
