@@ -1,18 +1,14 @@
-"""Model tests: shapes, causality, KV cache, positional resizing, overfitting, checkpoints, compile, bf16, FLOPs.
+"""Model tests: shapes, causality, KV cache, positional resizing, overfitting, checkpoints, bf16, CLIP, tokenizer.
 
-Tiny configs throughout (D=32, 2 layers) so the file runs in well under a minute on two CPU cores.
-"""
+Tiny configs throughout (tests/tiny_models.py) so the file runs in well under a minute on two CPU cores.
+FLOPs and compile: test_model_costs.py; regularisers: test_regularisers.py; the TTS alignment: test_tts_alignment.py."""
 
 from __future__ import annotations
 
-import re
-import sys
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import pytest
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.flop_counter import FlopCounterMode
 
 from models import (
     AST,
@@ -20,7 +16,6 @@ from models import (
     EOS_ID,
     PAD_ID,
     ASTConfig,
-    ByteTokenizer,
     CLIPConfig,
     ImageGPT,
     ImageGPTConfig,
@@ -34,86 +29,8 @@ from models import (
     text_to_image_config,
 )
 from models.embeddings import RowAbove
-from models.tts import TTS, TTSConfig, monotonic_alignment
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tensors are tiny, and on a shared two-core machine OpenMP threads that spin
-    while another process holds a core made these tests 30x slower (0.7 s -> 23 s for one overfit run)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-TOK = ByteTokenizer()
-SMALL = dict(dim=32, n_heads=2)
-S2S = dict(SMALL, enc_depth=2, dec_depth=2)
-CLIP_SMALL = dict(embed_dim=16, vision_dim=32, vision_depth=2, vision_heads=2, context_len=24, text_dim=32,
-                  text_depth=2, text_heads=2)
-
-# name -> (model class, tiny config)
-TINY = {
-    "vit": (ViT, ViTConfig(img_size=16, patch_size=4, n_classes=5, depth=2, **SMALL)),
-    "ast": (AST, ASTConfig(n_mels=32, n_frames=40, patch_size=8, fstride=6, tstride=6, n_classes=5, depth=2, **SMALL)),
-    "imagegpt": (ImageGPT, ImageGPTConfig(vocab_size=16, seq_len=24, depth=2, **SMALL)),
-    "imagegpt_cond": (ImageGPT, ImageGPTConfig(vocab_size=16, seq_len=24, n_classes=3, depth=2, **SMALL)),
-    "imagegpt_above": (ImageGPT, ImageGPTConfig(vocab_size=16, seq_len=25, row_above=True, depth=2, **SMALL)),
-    "audio_to_text": (Seq2Seq, audio_to_text_config(n_mels=16, n_frames=24, tgt_len=20, **S2S)),
-    "text_to_image": (Seq2Seq, text_to_image_config(n_codes=16, n_tokens=12, src_len=24, **S2S)),
-    "text_to_image_grid": (Seq2Seq, text_to_image_config(n_codes=16, n_tokens=12, src_len=24, tgt_grid=4, **S2S)),
-    "text_to_image_above": (Seq2Seq, text_to_image_config(n_codes=16, n_tokens=16, src_len=24, tgt_row_above=True,
-                                                          **S2S)),
-    "tts": (TTS, TTSConfig(n_mels=16, n_frames=24, src_len=24, voice_dim=4, align="mas", **S2S)),
-    "clip": (CLIP, CLIPConfig(img_size=16, patch_size=4, **CLIP_SMALL)),
-    "clip_bidir": (CLIP, CLIPConfig(img_size=16, patch_size=4, text_causal=False, **CLIP_SMALL)),
-    "clap": (CLIP, CLIPConfig(tower="audio", n_mels=32, n_frames=32, mel_patch=8, fstride=8, tstride=8, **CLIP_SMALL)),
-}
-CAPTIONS = ["a red circle", "a small blue square", "green", "a big yellow triangle on grey"]
-
-
-def make_batch(cfg, B: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A synthetic batch with exactly the keys the data loaders produce for this config."""
-    g = torch.Generator().manual_seed(seed)
-    if isinstance(cfg, ViTConfig):
-        return {"image": torch.randn(B, 3, cfg.img_size, cfg.img_size, generator=g),
-                "label": torch.randint(0, cfg.n_classes, (B,), generator=g)}
-    if isinstance(cfg, ASTConfig):
-        return {"mel": torch.randn(B, cfg.n_mels, cfg.n_frames, generator=g),
-                "label": torch.randint(0, cfg.n_classes, (B,), generator=g)}
-    if isinstance(cfg, ImageGPTConfig):
-        batch = {"tokens": torch.randint(0, cfg.vocab_size, (B, cfg.seq_len), generator=g)}
-        if cfg.n_classes:
-            batch["label"] = torch.randint(0, cfg.n_classes, (B,), generator=g)
-        return batch
-    if isinstance(cfg, Seq2SeqConfig):
-        if cfg.src_kind == "mel":
-            src = torch.randn(B, cfg.n_mels, cfg.n_frames, generator=g)
-        else:
-            src = TOK.batch_encode((CAPTIONS * B)[:B], cfg.src_len)
-        if cfg.pad_id >= 0:  # byte targets, EOS-terminated and padded
-            tgt = TOK.batch_encode((CAPTIONS[::-1] * B)[:B], cfg.tgt_len)
-        else:  # VQ codes: every position is a real token
-            tgt = torch.randint(0, cfg.bos_id, (B, cfg.tgt_len), generator=g)
-        return {"src": src, "tgt": tgt}
-    if isinstance(cfg, TTSConfig):
-        # sounds of 4 frames each (a byte's mean frame can fit them: models/tts.py `prior`)
-        mel = torch.randn(B, cfg.n_mels, cfg.n_frames // 4, generator=g).repeat_interleave(4, -1)
-        for b in range(B):  # each clip ends in silence, a frame later than the one before
-            mel[b, :, cfg.n_frames // 2 + b:] = -3.0
-        return {"src": TOK.batch_encode((CAPTIONS * B)[:B], cfg.src_len), "mel": mel}
-    if isinstance(cfg, CLIPConfig):
-        text = TOK.batch_encode((CAPTIONS * B)[:B], cfg.context_len)
-        if cfg.tower == "audio":
-            return {"mel": torch.randn(B, cfg.n_mels, cfg.n_frames, generator=g), "text": text}
-        return {"image": torch.randn(B, 3, cfg.img_size, cfg.img_size, generator=g), "text": text}
-    raise TypeError(cfg)
-
-
-def build(name: str, seed: int = 0):
-    cls, cfg = TINY[name]
-    torch.manual_seed(seed)
-    return cls(cfg).eval(), cfg
+from models.tts import TTS, TTSConfig
+from tests.tiny_models import CAPTIONS, SMALL, TINY, TOK, _one_thread, build, make_batch  # noqa: F401 (fixture)
 
 
 def expected_shape(cfg, batch) -> tuple[int, ...]:
@@ -442,188 +359,3 @@ def test_tokenizer():
     assert batch.dtype == torch.long and batch.shape == (2, 4) and batch[0, 2] == PAD_ID
     assert TOK.batch_decode(batch) == ["a", "abc"]
     assert TOK.vocab_size == 259
-
-
-def test_flops_hand_count():
-    """ViT, 8x8x3 image, patch 4 -> m = 4 patches, T = 5 tokens, D = 8, 1 layer, MLP H = 32, 2 classes.
-
-    patch embedding  2 * (4*4*3) * 8 * 4          = 3072
-    q, k, v, o       2 * 5 * 4 * 8*8              = 2560
-    QK^T and AV      2 * (2 * 5 * 5 * 8)          =  800
-    MLP              2 * 5 * (8*32 + 32*8)        = 5120
-    head             2 * 8 * 2                    =   32
-    forward                                        = 11584; training = 3 * 11584 = 34752
-    """
-    model = ViT(ViTConfig(img_size=8, patch_size=4, n_classes=2, dim=8, depth=1, n_heads=2))
-    assert model.flops_per_sample(train=False) == 11584
-    assert model.flops_per_sample() == 34752
-
-
-def counted_forward_flops(model, batch) -> int:
-    """FLOPs torch itself counts (matmuls, convolutions, attention on the math backend) for one forward."""
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
-        model(batch)
-    return counter.get_total_flops()
-
-
-@pytest.mark.parametrize("name", ["vit", "ast", "imagegpt", "audio_to_text", "text_to_image", "tts", "clip", "clap"])
-def test_flops_match_torch_counter(name):
-    model, cfg = build(name)
-    batch = make_batch(cfg, B=2)
-    expected = 2 * model.flops_per_sample(train=False)
-    if isinstance(cfg, CLIPConfig):
-        expected += 2 * 2 * 2 * cfg.embed_dim  # the (B, B) similarity matrix, left out of the per-sample count
-    assert counted_forward_flops(model, batch) == expected
-
-
-def _compile_or_skip(model, batch):
-    try:
-        return torch.compile(model)(batch)
-    except Exception as e:  # noqa: BLE001 - an inductor toolchain failure is the machine's, not the model's
-        pytest.skip(f"torch.compile failed on this machine's inductor C++ toolchain: {type(e).__name__}: {e}"[:300])
-
-
-def test_torch_compile_smoke():
-    """Forward only (about 25 s cold on two CPU cores; the inductor cache makes reruns quicker)."""
-    model, cfg = build("vit")
-    batch = make_batch(cfg, B=2)
-    with torch.no_grad():
-        out, loss = _compile_or_skip(model, batch)
-        torch.testing.assert_close(out, model(batch)[0], atol=1e-4, rtol=1e-4)
-
-
-@pytest.mark.slow
-def test_torch_compile_training_step():
-    """Forward and backward through inductor (about 45 s cold on two CPU cores)."""
-    model, cfg = build("imagegpt")
-    batch = make_batch(cfg, B=2)
-    ref = torch.autograd.grad(model(batch)[1], list(model.parameters()))
-    out, loss = _compile_or_skip(model, batch)
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    for g, r in zip(grads, ref, strict=True):
-        torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-3)
-
-
-@pytest.mark.parametrize("cls", [ViT, AST, ImageGPT, Seq2Seq, CLIP], ids=lambda c: c.__name__)
-def test_docstring_parameter_counts(cls):
-    """Each model file states its default config's parameter count; keep it true."""
-    doc = sys.modules[cls.__module__].__doc__
-    stated = int(re.search(r"([\d,]+) parameters", doc).group(1).replace(",", ""))
-    assert sum(p.numel() for p in cls().parameters()) == stated  # the default config
-
-
-# ---------------------------------------------------------------------------------------------------- regularisers
-def _vit_pair(**kw):
-    """A tiny ViT with `kw` and one without, holding the same weights."""
-    torch.manual_seed(0)
-    cfg = ViTConfig(img_size=16, patch_size=4, n_classes=5, depth=3, **SMALL)
-    plain = ViT(cfg)
-    other = ViT(ViTConfig(**{**asdict(cfg), **kw}))
-    other.load_state_dict(plain.state_dict())
-    return plain, other
-
-
-def test_drop_path_is_the_identity_at_zero_and_in_eval_mode():
-    from models.transformer import drop_path
-
-    plain, dropped = _vit_pair(drop_path=0.5)
-    assert [b.drop_path for b in dropped.encoder.transformer.blocks] == [0.0, 0.25, 0.5]  # linear, as DeiT
-    assert sum(p.numel() for p in ViT(ViTConfig(drop_path=0.3)).parameters()) == 2_693_578  # no new parameters
-    x = torch.randn(6, 3, 16, 16)
-    torch.testing.assert_close(dropped.eval()(dict(image=x))[0], plain.eval()(dict(image=x))[0], rtol=0, atol=0)
-    plain.train()
-    rng = torch.get_rng_state()
-    train_out = plain(dict(image=x))[0]
-    assert torch.equal(torch.get_rng_state(), rng)  # p = 0 draws nothing: existing models' runs are unchanged
-    torch.testing.assert_close(train_out, plain.eval()(dict(image=x))[0], rtol=0, atol=0)
-    dropped.train()
-    assert not torch.allclose(dropped(dict(image=x))[0], train_out)
-    branch = torch.ones(4000, 3, 2)
-    out = drop_path(branch, 0.25, training=True)
-    per_sample = out[:, 0, 0]
-    assert ((per_sample == 0) | (per_sample == 1 / 0.75)).all() and (out == per_sample[:, None, None]).all()
-    assert abs(float((per_sample == 0).float().mean()) - 0.25) < 0.03  # dropped with probability p, mean kept
-    assert drop_path(branch, 0.25, training=False) is branch and drop_path(branch, 0.0, training=True) is branch
-
-
-def test_label_smoothing_follows_cross_entropy_and_only_in_training():
-    plain, smooth = _vit_pair(label_smoothing=0.1)
-    torch.manual_seed(1)
-    batch = dict(image=torch.randn(8, 3, 16, 16), label=torch.randint(0, 5, (8,)))
-    logits, ce = plain.eval()(batch)
-    logp = logits.log_softmax(-1)
-    nll = -logp.gather(1, batch["label"][:, None]).mean()
-    uniform = -logp.mean()  # cross-entropy against the uniform distribution over the 5 classes
-    _, loss = smooth.train()(batch)
-    torch.testing.assert_close(loss, 0.9 * nll + 0.1 * uniform)
-    assert loss > ce  # the model's guesses are not uniform, so smoothing raises the loss
-    torch.testing.assert_close(smooth.eval()(batch)[1], ce)  # evaluation reports plain cross-entropy
-    soft = torch.nn.functional.one_hot(batch["label"], 5).float()  # soft targets (mixup, cutmix) are accepted
-    torch.testing.assert_close(smooth.train()(dict(batch, label=soft))[1], loss)
-
-
-def test_monotonic_alignment_finds_each_bytes_frames():
-    """Frames that are noisy copies of their byte's mean, bytes over 2, 6, 3, 5, 4 frames then silence: the search
-    returns exactly that path (-1 past the speech); a clip with more bytes than frames gets no path."""
-    g = torch.Generator().manual_seed(0)
-    mu = torch.randn(2, 7, 8, generator=g) * 3  # (B, Ls, n_mels) each byte's mean
-    truth = torch.tensor([i for i, d in enumerate([2, 6, 3, 5, 4]) for _ in range(d)])  # (20,)
-    frames = torch.zeros(2, 24, 8)
-    frames[:, :20] = mu[:, truth] + 0.3 * torch.randn(2, 20, 8, generator=g)
-    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]]).bool()
-    path = monotonic_alignment(-torch.cdist(mu, frames, p=1), mask, torch.tensor([20, 5]))
-    assert path[0].tolist() == truth.tolist() + [-1] * 4
-    assert (path[1] == -1).all()  # 7 bytes cannot be spoken in 5 frames
-
-
-def test_tts_learns_its_alignment_from_the_search():
-    """align="mas": the loss adds the prior and share terms, and 30 optimiser steps bring that term down (the prior
-    head fits the bytes' frames, the share head the searched path); align="soft" has no prior head; an unknown align is
-    a clear error."""
-    model, cfg = build("tts")
-    g = torch.Generator().manual_seed(0)
-    src = TOK.batch_encode(["a red", "blue"], cfg.src_len)  # fewer bytes than the 16 speech frames
-    mel = torch.full((2, cfg.n_mels, cfg.n_frames), -3.0)  # silence after 16 frames
-    mel[:, :, :16] = torch.randn(2, cfg.n_mels, 4, generator=g).repeat_interleave(4, -1)  # 4 sounds of 4 frames
-    batch = {"src": src, "mel": mel}
-
-    def align_loss():
-        memory, mask, _, share = model.encode(batch["src"], mel)
-        shares, loss = model.aligned_shares(memory, mask, share, mel, model.speech_length(mel))
-        assert torch.allclose(shares.sum(-1), torch.ones(2))
-        return loss
-
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    first = align_loss().item()
-    for _ in range(30):
-        opt.zero_grad()
-        model(batch)[1].backward()
-        opt.step()
-    assert first > 0 and align_loss().item() < 0.7 * first
-    assert TTS(replace(cfg, align="soft")).prior is None
-    with pytest.raises(ValueError, match="align"):
-        TTS(replace(cfg, align="hard"))
-
-
-def test_tts_lays_the_bytes_out_in_order_and_speaks_in_the_reference_voice():
-    """Gaussian upsampling at equal shares: the byte each query mixes most moves forward with time, from the first
-    bytes to the last. The speech length is the frame after the last loud one. A different reference voice changes the
-    generated spectrogram; generating without one is a clear error."""
-    model, cfg = build("tts")
-    batch = make_batch(cfg, B=2)
-    memory, mask, _, share = model.encode(batch["src"], batch["mel"])
-    assert torch.allclose(share.sum(-1), torch.ones(2)) and (share[~mask] == 0).all()
-    torch.testing.assert_close(model.speech_length(batch["mel"]), torch.tensor([12.0, 13.0]))  # silent from 12, 13
-    n = int(mask[0].sum())
-    eye = torch.eye(memory.shape[1])[None].expand(1, -1, -1)  # memory = one-hot byte index: the mix is the weights
-    w = model.upsample(eye, mask[:1], torch.full((1, memory.shape[1]), 1.0 / n) * mask[:1], torch.tensor([24.0]))
-    nearest = w[0].argmax(-1)  # (n_q,) the byte each query is made of most: queries every 4 of 24 frames, bytes
-    assert torch.allclose(w.sum(-1), torch.ones(1, 6))  # every 24 / n frames, so the first query sits on byte 1
-    assert nearest[0] <= 1 and nearest[-1] >= n - 2 and (nearest.diff() > 0).all()
-    with torch.no_grad():
-        a = model.generate(batch["src"], batch["mel"])
-        b = model.generate(batch["src"], batch["mel"].flip(0))
-    assert a.shape == (2, cfg.n_mels, cfg.n_frames) and not torch.allclose(a, b)
-    with pytest.raises(ValueError, match="reference voice"):
-        model.generate(batch["src"])
