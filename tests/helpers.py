@@ -1,11 +1,13 @@
 """Builders shared by several test modules (fixtures live in conftest.py): tiny items tables, a learnable prep
-folder for the trainer, a prep folder and CLIP checkpoint for the index, and Prefect task-run states."""
+folder for the trainer, a prep folder and CLIP checkpoint for the index, Prefect task-run states, and a training's
+MLflow metrics read back."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
 import json
+import os
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pyarrow.parquet as pq
 import soundfile as sf
 import torch
 import webdataset as wds
+from mlflow import MlflowClient
 from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -140,8 +143,9 @@ def make_prep(root: Path, n_train: int = 64, n_val: int = 16) -> Path:
     return root
 
 
-# The trainer tests' module fixtures (tests/test_train.py, test_budget.py and test_time_cap.py import them): one SQLite
-# MLflow store per module (creating one costs seconds; tests keep apart by experiment name) and one tiny prep folder.
+# The trainer tests' module fixtures (tests/test_train.py, test_resume.py, test_ddp.py, test_budget.py and
+# test_time_cap.py import them): one SQLite MLflow store per module (creating one costs seconds; tests keep apart by
+# experiment name) and one tiny prep folder.
 @pytest.fixture(scope="module")
 def mlflow_db(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
@@ -207,6 +211,42 @@ def write_index_prep(prep, n_per_split: int = 10) -> dict[str, np.ndarray]:
                                                "size": INDEX_SIZE}})
     return images
 
+
+# ---------------------------------------------------------------------------------------------------- MLflow
+def tracking_client() -> MlflowClient:
+    return MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+
+
+def experiment_runs(experiment: str) -> list:
+    c = tracking_client()
+    exp = c.get_experiment_by_name(experiment)
+    return [] if exp is None else c.search_runs([exp.experiment_id])
+
+
+def metric_history(run_id: str, key: str) -> dict[int, float]:
+    """{step: value} of one metric; fails if any step was logged twice."""
+    history = tracking_client().get_metric_history(run_id, key)
+    steps = [m.step for m in history]
+    assert len(steps) == len(set(steps)), f"{key}: a step was logged twice: {sorted(steps)}"
+    return {m.step: m.value for m in history}
+
+
+def train_losses(run_id: str) -> dict[int, float]:
+    return metric_history(run_id, "train/loss")
+
+
+def all_metrics(run_id: str) -> dict[str, dict[int, float]]:
+    """Every metric of the run: {key: {step: value}}."""
+    return {key: metric_history(run_id, key) for key in tracking_client().get_run(run_id).data.metrics}
+
+
+def assert_same_metrics(got: dict, expected: dict) -> None:
+    """The same metrics at the same steps; the same values too, except perf/* (timings differ from run to run)."""
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        assert sorted(got[key]) == sorted(expected[key]), key
+        if not key.startswith("perf/"):
+            assert got[key] == expected[key], key
 
 
 # ---------------------------------------------------------------------------------------------------- Prefect
