@@ -19,9 +19,9 @@ import tasks.train.trainer as trainer
 from flows.params import PipelineParams, TrainParams
 from tasks.eval.evaluate import load_model
 from tasks.infra.checkpoint import BEST, CKPT, WEIGHTS
+from tasks.train.budget import plan_budget
 from tasks.train.table import BUILTIN_TRAIN, MODELS, build_from_checkpoint
-from tasks.train.trainer import (CheckpointError, TrainConfig, default_train_config, get_lr, load_checkpoint,
-                                 plan_budget, train)
+from tasks.train.trainer import CheckpointError, TrainConfig, default_train_config, get_lr, load_checkpoint, train
 
 from tests.helpers import (TINY_TRAIN, _shared_mlflow, failing_at, mlflow_db, prep,  # noqa: F401 (fixtures)
                            weights_equal)

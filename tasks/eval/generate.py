@@ -83,6 +83,9 @@ T2I_SAMPLING = Sampling(guidance=1.75, temperature=0.3, top_k=8, rerank=4)
 # T 1.2, top-k 8 on the round trip's 96: 0.89 coherent, 5 shapes (no triangle; T 1.0: 0.59, 4). Completions do not
 # move with sampling: 0.48-0.51 of all 368 test images for T 0 (greedy) / 0.5 / 0.7 / 1.0 / 1.2 top-k 8, under what
 # the given top half alone tells (0.53); the judge reads 16 px palette images of the real test set at 0.76.
+# Ten sets of 96 at T 1.2, top-k 8 (1,200 steps, seed 0, AMD EPYC 2026-12-03): six shapes in ten of ten; of the
+# coherent confident ones circle 0.31, square 0.27, cross 0.14, star 0.13, triangle 0.09, diamond 0.06 (test images:
+# cross, star, triangle ~0.24 each, the others ~0.10): it favours plain blobs, so diamonds are the rare ones.
 IMAGEGPT_SAMPLING = Sampling(temperature=1.2, top_k=8)
 # Completions are drawn cooler: the given half already fixes the thing's place and colour, and T 1.2's spread only
 # blurs it. ImageGPT reading the row above (ImageGPTConfig.row_above), 1,800 steps of the 8,000-image set, the round
@@ -90,6 +93,11 @@ IMAGEGPT_SAMPLING = Sampling(temperature=1.2, top_k=8)
 # 0.688); unconditional samples at T 1.0 stay one coloured thing less often (0.854 against 0.865 at 1.2).
 # Re-ranked by ImageGPT's own likelihood of the drawn half (best of n draws; no judge; 1,800 steps, seed 0, all 1,399
 # test images, AMD EPYC 2026-12-03): n = 1 / 2 / 4 / 8: 0.608 / 0.622 / 0.620 / 0.630, for n x 57 s on one thread. Off.
+# Consensus of n draws instead (minimum Bayes risk: the draw whose bottom-half codes differ least from the others';
+# no judge; 1,200 steps, seed 0, all 1,399, AMD EPYC 2026-12-03): n = 1 / 4 / 8: 0.598 / 0.609 / 0.615; even the
+# judge's own majority shape of 8 draws reads 0.630: the model's likeliest shape is wrong for a third of the top
+# halves. What a top half tells: a small CNN trained on the train split's top halves names the shape 0.71-0.73 and
+# gives the true one 0.66 of its probability, about what drawing from that posterior would score. Off.
 IMAGEGPT_COMPLETION_SAMPLING = Sampling(temperature=1.0, top_k=8)
 
 

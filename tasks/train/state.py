@@ -18,7 +18,7 @@ from tasks.train.budget import Budget, Clock
 from tasks.train.table import MODEL_MINUTES, ModelSpec, spec
 
 if TYPE_CHECKING:
-    from tasks.train.trainer import Stream
+    from tasks.train.feed import Stream
 
 
 # ---------------------------------------------------------------------------------------------------- config
