@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from tasks.data.ingest import IngestConfig, Sources, digest_sources, ingest
-from tests.test_ingest import image_bytes, save_audio, save_image
+from tests.tiny_inputs import image_bytes, save_audio, save_image
 
 CFG = IngestConfig()
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # bombs are the point
@@ -414,7 +414,7 @@ def test_rewritten_or_added_shards_rerun_the_ingest_stage(tmp_path):
     from prefect import flow
 
     from tasks import stages
-    from tests.test_ingest import img2dataset_sample, write_tar
+    from tests.tiny_inputs import img2dataset_sample, write_tar
 
     d = tmp_path / "shards"
     d.mkdir()
