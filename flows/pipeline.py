@@ -69,7 +69,8 @@ def minutes_left(left: float | None, record: dict, cap: float | None) -> float |
 def train_config(model: str, p: PipelineParams, models: list[str] | None = None, minutes: float | None = None):
     """The model's TrainConfig: the table's, the run's flags, then its train_overrides. With training minutes (given,
     else --train-minutes), its time cap is its share of them among `models` (the run's), by each one's minutes in the
-    default run; a model the run's minutes do not cut (table `time_capped`) keeps its own cap (MODEL_MINUTES)."""
+    default run; a model the run's minutes do not cut (table `time_capped`) keeps its own cap (MODEL_MINUTES). On the
+    built-in set the table's `builtin_train` fields come before train_overrides."""
     t = p.train
     minutes = minutes or t.train_minutes
     share = (minutes * spec(model).minutes / sum(spec(m).minutes for m in models or [model])
@@ -78,7 +79,8 @@ def train_config(model: str, p: PipelineParams, models: list[str] | None = None,
                                     batch_size=t.batch_size, device=t.device, precision=t.precision,
                                     compile=t.compile, max_minutes=share).items()
               if v is not None}  # --steps wins over --epochs
-    return default_train_config(model, **{**fields, **t.train_overrides.get(model, {})})
+    builtin = spec(model).builtin_train if p.data.builtin else {}  # under the run's own overrides
+    return default_train_config(model, **{**fields, **builtin, **t.train_overrides.get(model, {})})
 
 
 def train_order(models: list[str]) -> list[str]:

@@ -356,3 +356,22 @@ def test_a_run_trains_with_its_augment_settings(builtin_world, tmp_path):
     assert seen == [{"freq_mask": 4, "time_mask": 4}] * 3
     params = MlflowClient().get_run(record["run_id"]).data.params
     assert params["train.augment.freq_mask"] == "4" and params["train.augment.time_mask"] == "4"
+
+
+def test_the_hue_swap_is_on_for_the_built_in_set_alone(tmp_path):
+    """ImageGPT's hue swap serves the built-in set's held-out colour/shape pairs and costs likelihood on photos (table
+    `builtin_train`, augment/image.py IMAGEGPT_AUG): a run on the built-in set trains with it, a run on other images
+    without it, and a run's own train_overrides win over both."""
+    from flows.params import DataParams, PipelineParams, TrainParams
+    from flows.pipeline import train_config
+    from tasks.train.augment import IMAGEGPT_AUG, settings
+
+    def swap(**params) -> float:
+        cfg = train_config("imagegpt", PipelineParams(**params))
+        return 0.0 if cfg.augment is False else settings(IMAGEGPT_AUG, cfg.augment)["hue_swap"]
+
+    photos = DataParams(images=str(tmp_path))
+    assert swap() == 1.0 and swap(data=photos) == 0.0
+    assert swap(data=photos, train=TrainParams(train_overrides={"imagegpt": {"augment": {"hue_swap": 0.5}}})) == 0.5
+    assert swap(train=TrainParams(train_overrides={"imagegpt": {"augment": False}})) == 0.0
+    assert train_config("vit", PipelineParams()).augment == train_config("vit", PipelineParams(data=photos)).augment

@@ -11,8 +11,8 @@
   random time and mel-axis shifts, a vocal-tract-length warp and a tempo stretch (speed_warp) are off: measured worse;
 - the speech recogniser's log-mel source: the same gain and noise floor (on), the warp and stretch, and SpecAugment, as
   Park et al. introduced it for speech recognition (off by default, see ASR_AUG);
-- ImageGPT's palette codes: each image's hues turned to a shuffled partner's (hue_swap, IMAGEGPT_AUG), so the one
-  coloured thing of a built-in image meets every colour, held-out pairs included.
+- ImageGPT's palette codes, on the built-in set (table `builtin_train`): each image's hues turned to a shuffled
+  partner's (hue_swap, IMAGEGPT_AUG), so its one coloured thing meets every colour, held-out pairs included.
 
 A run sets these with TrainConfig.augment: True the defaults below, a dict some of them (`settings`), False none.
 Every draw comes from the training's own generators (models/rng.py `generator`), which the trainer checkpoints
