@@ -25,32 +25,40 @@ def _temps(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name)
 
 
-def _counting_images(count_file: Path, real):
-    """synthetic._images (runs only when the dataset is generated, not when it is reused), slowed down so that two
-    writers overlap, counting its calls in a file both processes append to."""
+def _counting_images(count_file: Path, arrived: Path, real):
+    """synthetic._images (runs only when the dataset is generated, not when it is reused), counting its calls in a
+    file both processes append to, and held until both writers have started, so that they overlap."""
 
     def images(cfg, root):
         with open(count_file, "a") as f:
             f.write(f"{os.getpid()}\n")
-        time.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while len(arrived.read_text().split()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # the other writer, started, reaches the lock
         return real(cfg, root)
 
     return images
 
 
-def _write_builtin(root: Path, results) -> None:
+def _write_builtin(root: Path, count_file: Path, arrived: Path, results) -> None:
+    """One writer, in a spawned process: a fork of a pytest worker that has run torch's threads (or holds another
+    thread's lock) can hang in the child, as one did in a slow `make test`."""
+    synthetic._images = _counting_images(count_file, arrived, synthetic._images)
+    with open(arrived, "a") as f:
+        f.write(f"{os.getpid()}\n")
     record = stages.builtin_dataset.fn(CFG, root)
     results.put((record, os.stat(record["path"]).st_ino))
 
 
-def test_two_processes_writing_one_output_compute_it_once(tmp_path, monkeypatch):
+def test_two_processes_writing_one_output_compute_it_once(tmp_path):
     """Two processes run the same stage on one root: one computes, the other waits for it and reuses the result; the
     folder the first one published is the one that stays (nothing is deleted or replaced under a reader)."""
-    count = tmp_path / "calls.txt"
-    monkeypatch.setattr(synthetic, "_images", _counting_images(count, synthetic._images))
-    ctx = multiprocessing.get_context("fork")  # the children inherit the patched function
+    count, arrived = tmp_path / "calls.txt", tmp_path / "arrived.txt"
+    arrived.touch()
+    ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_write_builtin, args=(tmp_path / "out", results)) for _ in range(2)]
+    procs = [ctx.Process(target=_write_builtin, args=(tmp_path / "out", count, arrived, results)) for _ in range(2)]
     for p in procs:
         p.start()
     got = [results.get(timeout=120) for _ in procs]
