@@ -19,9 +19,9 @@ also places the queries in training (teacher forcing); at inference it is predic
 rate), and a regression to their average is a blur, so each clip is spoken in a reference voice (Skerry-Ryan et al.
 2018, here its mean spectrum over its loud frames): in training batch["ref"], another clip of the same speaker
 (tasks/train/batches.py; the clip itself would also carry its words), else the clip itself; at inference any clip.
-The vocoder (Griffin-Lim) lives in tasks/. The config's defaults (soft, cross-attention) are the first design's,
-which checkpoints written before the others existed hold; tasks/train/table.py trains with align="mas", cross=False
-(measured there).
+The vocoder (Griffin-Lim) lives in tasks/. The config's defaults (soft, cross-attention, dropout 0.1) are the first
+design's, which checkpoints written before the others existed hold; tasks/train/table.py trains with align="mas",
+cross=False, dropout=0.0 (measured there).
 Default config (D=128, 2 + 3 layers, 4 heads, 128 mels x 128 frames, r=4, 24 bytes): 1,327,362 parameters; the
 table's (align="mas", cross=False): 1,144,962.
 """
