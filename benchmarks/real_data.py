@@ -1,10 +1,11 @@
 """python -m benchmarks --real-data DIR [--held-out NAME ...]: the audio classifier and the speech recogniser on real
-recordings, each speaker held out in turn and then held-out takes, against a logistic regression on the same split.
+recordings, each speaker held out in turn and then held-out takes, against a logistic regression on the same split;
+and text-to-speech trained on the same clips, its speech transcribed by that recogniser (the round trip).
 
 DIR holds `{label}_{speaker}_{take}.wav` files (the Free Spoken Digit Dataset's layout). For each held-out speaker
 this runs what a user would run, at the defaults:
 
-    tessera run --transcripts DIR.csv --split-by speaker --test-groups SPEAKER --sample-rate SR --models AST ASR
+    tessera run --transcripts DIR.csv --split-by speaker --test-groups SPEAKER --sample-rate SR --models AST ASR TTS
 
 and for held-out takes (`--held-out takes`: every speaker in training, the default split's hash of items puts a
 tenth of the takes in test) the same command without --split-by and --test-groups.
@@ -13,9 +14,12 @@ where the table (written into the output folder) has one row per file: audio, tr
 spelled as its English word, so "7" is "seven"), label, speaker. SR is the files' own sample rate. Reported per
 held-out speaker: AST test accuracy; the speech recogniser's character error rate and word accuracy (the transcript
 exactly right: a digit is a one-word transcript); the baseline's test accuracy (a multinomial logistic regression
-on each mel band's mean and std over the stored log-mel, standardised on the train split: `logistic_regression`)
-and the wall time of the whole run. Writes OUT/real_data.md and real_data.json (OUT: --out, default benchmarks/);
-prints the table. One held-out speaker of fsdd4 (2,000 clips) takes about 5-8 minutes on two CPU cores.
+on each mel band's mean and std over the stored log-mel, standardised on the train split: `logistic_regression`);
+text-to-speech's round trip (the run's own, tasks/eval/roundtrip.py: the first 160 test transcripts spoken in train
+speakers' voices, through Griffin-Lim, transcribed by the run's recogniser: CER against the transcript, and the
+recogniser on the generated spectrogram itself, no vocoder); and the wall time of the whole run. Writes
+OUT/real_data.md and real_data.json (OUT: --out, default benchmarks/); prints the table. One held-out speaker of
+fsdd4 (2,000 clips) takes about 5-10 minutes on two CPU cores.
 """
 
 from __future__ import annotations
@@ -45,6 +49,13 @@ def audio_models() -> tuple[str, str]:
 
     classifier = next(m for m, s in MODELS.items() if s.modality == "audio" and s.evaluation == "classifier")
     return classifier, with_role("speech-recogniser")
+
+
+def run_models() -> tuple[str, ...]:
+    """What each run trains: the audio classifier, the speech recogniser and the text-to-speech model it judges."""
+    from tasks.train.table import with_role
+
+    return (*audio_models(), with_role("speech-generator"))
 
 
 def transcript(label: str) -> str:
@@ -150,7 +161,7 @@ def command(table: Path, folder: Path, speaker: str, rate: int, root: Path, norm
     split = [] if speaker == TAKES else ["--split-by", "speaker", "--test-groups", speaker]
     norm = ["--normalise-by", normalise_by] if normalise_by else []
     return ["tessera", "run", "--transcripts", str(table), "--allow-roots", str(folder), *split, *norm,
-            "--sample-rate", str(rate), "--models", *audio_models(), "--root", str(root),
+            "--sample-rate", str(rate), "--models", *run_models(), "--root", str(root),
             "--dataset-name", f"real-{speaker}"]
 
 
@@ -170,9 +181,11 @@ def held_out(folder: Path, speaker: str, out: Path, normalise_by: str | None = N
     prep, (ast, asr) = Path(latest["prep"]), audio_models()
     metrics = json.loads(next((root / "eval" / ast).glob("*/metrics.json")).read_text())
     speech = transcripts_scores(Path(latest["checkpoints"][asr]), prep)
+    spoken = json.loads(next((root / "roundtrips").glob("*/tts/metrics.json")).read_text())
     n_test = len(band_features(prep, "test")[1])
     return {"held_out": speaker, "n_train_val": len(rows) - n_test, "n_test": n_test,
             "ast_accuracy": metrics["accuracy"], "asr_cer": speech["cer"], "asr_word_accuracy": speech["word_accuracy"],
+            "tts_roundtrip_cer": spoken["cer"], "tts_direct_cer": spoken["direct_cer"], "tts_n": int(spoken["n"]),
             "lr_accuracy": baseline_accuracy(prep), "wall_s": round(wall, 1),
             "command": " ".join(command(Path("TABLE.csv"), Path("DIR"), speaker, sample_rate(rows), Path("ROOT"),
                                         normalise_by))}
@@ -182,14 +195,18 @@ def markdown(rows: list[dict], folder: Path) -> str:
     lines = [f"# Real data: {folder}", "", "Each speaker held out in turn (never heard in training; val: held-out "
              "takes of the others), then `takes` (held-out takes of every speaker), `tessera run` at its defaults "
              "(benchmarks/real_data.py). LR: logistic "
-             "regression on per-band log-mel mean and std.", "",
+             "regression on per-band log-mel mean and std. TTS: text-to-speech trained on the same train clips, its "
+             "speech of the first test transcripts (TTS n) in train speakers' voices transcribed by the run's speech "
+             "recogniser after Griffin-Lim (CER; on the generated log-mel itself in brackets): compare the "
+             "recogniser's CER on the real test speech.", "",
              "| held out | train+val / test clips | AST accuracy | ASR word accuracy | ASR CER | LR accuracy | "
-             "AST - LR | ASR words - LR | wall s |", "|---|---|---|---|---|---|---|---|---|"]
+             "AST - LR | ASR words - LR | TTS round trip CER (direct) | TTS n | wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['held_out']} | {r['n_train_val']} / {r['n_test']} | {r['ast_accuracy']:.3f} | "
                      f"{r['asr_word_accuracy']:.3f} | {r['asr_cer']:.3f} | {r['lr_accuracy']:.3f} | "
                      f"{r['ast_accuracy'] - r['lr_accuracy']:+.3f} | {r['asr_word_accuracy'] - r['lr_accuracy']:+.3f} "
-                     f"| {r['wall_s']:.0f} |")
+                     f"| {r['tts_roundtrip_cer']:.3f} ({r['tts_direct_cer']:.3f}) | {r['tts_n']} | {r['wall_s']:.0f} |")
     if rows:
         lines += ["", f"Command: `{rows[0]['command']}`"]
     return "\n".join(lines) + "\n"

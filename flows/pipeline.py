@@ -30,6 +30,7 @@ from tasks import stages
 from tasks.infra import tracking
 from tasks.data.codebook import CodebookConfig
 from tasks.data.shards import test_sets
+from tasks.eval import roundtrip as roundtrip_lib
 from tasks.eval.registry import Registration
 from tasks.index import IndexConfig
 from tasks.infra.hardware import cpu_threads, pick_device
@@ -130,8 +131,10 @@ def _register(params: PipelineParams, data: dict, trained: dict, evals: dict, pr
         for m, rec in trained.items()}
 
 
-def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None, registered: dict) -> str:
-    """One row per model: its headline test metric first (table `headline`), then validation, then the rest."""
+def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None, registered: dict,
+             builtin: bool = True) -> str:
+    """One row per model: its headline test metric first (table `headline`), then validation, then the rest; the round
+    trips, and those a trained generator could not take and why (a judge not trained in this run)."""
     lines = ["| model | steps | headline (test) | val | other test metrics |", "|---|---|---|---|---|"]
     for m, rec in trained.items():
         test = evals.get(m, {}).get("metrics", {})
@@ -144,6 +147,10 @@ def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None,
         lines.append(f"| {m} | {rec['steps']} | {headline} | {val or 'no val split'} | {rest} |")
     if trips and trips["metrics"]:
         lines += ["", "round trips: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(trips["metrics"].items()))]
+    if trips is not None:
+        skipped = roundtrip_lib.not_run({spec(m).role for m in trained if spec(m).role}, builtin)
+        lines += [""] * bool(skipped) + [f"- round trip {name} not run: it {why}" + (
+            f" (add {' '.join(_players(why))} to --models)" if _players(why) else "") for name, why in skipped.items()]
     if registered:
         lines += ["", "registered: " + ", ".join(
             f"{r['registered_name']} v{r['version']}" + (f" (champion v{r['champion']})" if r["champion"] else "")
@@ -151,6 +158,11 @@ def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None,
     if index:
         lines += ["", f"CLIP index: `{index['path']}` — search it with `tessera search TEXT` or `--image FILE`"]
     return "\n".join(lines)
+
+
+def _players(why: str) -> list[str]:
+    """The table's models that play the roles named in `why` (what to add to --models)."""
+    return [with_role(r) for r in roundtrip_lib.ROLES if r in why.split()]
 
 
 def lane_count(t: TrainParams) -> int:
@@ -291,7 +303,7 @@ def pipeline(params: PipelineParams = PipelineParams()) -> dict:
                                              training_minutes(params, root))
         trips, index = _across(params, trained, prep, cb, root, run)
         registered = _register(params, data, trained, evals, prep, cb)  # only once every stage has succeeded
-        summary = _summary(trained, evals, trips, index, registered)
+        summary = _summary(trained, evals, trips, index, registered, params.data.builtin)
         parent.client.log_text(parent.run_id, summary, "summary.md")
     create_markdown_artifact(summary, key="pipeline-summary", description="tessera pipeline")
     print(summary)

@@ -229,3 +229,23 @@ def test_tts_reference_is_another_clip_of_the_same_speaker():
     assert partners == voice_partners(drawn)  # the same draws, the same partners
     assert len({tuple(voice_partners([clip(w, draw=d + 10 * r, key="speaker") for d, w in enumerate("ababab")]))
                 for r in range(8)}) > 1  # other draws, other partners
+
+
+def test_a_generator_without_its_judge_is_told_what_to_add():
+    """A run that trains a generator but not its judges (`tessera train tts` alone, `--models imagegpt` on a user's
+    photos) says which round trip did not run and why, in the run's summary, instead of leaving it out silently."""
+    from flows.pipeline import _summary
+
+    assert roundtrip.not_run({"speech-generator"}, builtin=True) == {
+        "tts": "needs the speech-recogniser model trained in the same run"}
+    assert roundtrip.not_run({"speech-generator", "speech-recogniser"}, builtin=False) == {}
+    assert roundtrip.not_run({"image-sampler", "image-classifier"}, builtin=False) == {
+        "image-sampler": "judges by the built-in set's shapes and colours"}
+    assert roundtrip.not_run({"image-classifier", "speech-recogniser"}, builtin=True) == {}  # no generator: nothing
+    trained = {m: {"steps": 1, "metrics": {}} for m in ("tts", "t2i", "vit")}
+    lines = _summary(trained, {}, {"metrics": {}}, None, {}).splitlines()
+    assert "- round trip tts not run: it needs the speech-recogniser model trained in the same run (add asr to " \
+           "--models)" in lines
+    assert "- round trip t2i not run: it needs the image-text model trained in the same run (add clip to --models)" \
+           in lines
+    assert not any("not run" in line for line in _summary(trained, {}, None, None, {}).splitlines())  # trips off

@@ -129,11 +129,15 @@ def test_the_baseline_separates_what_a_line_separates():
 
 def test_the_benchmark_holds_out_a_speaker_or_takes():
     """`python -m benchmarks --real-data` runs the user's command: a speaker split for a speaker, the default split of
-    items (every speaker in training) for held-out takes."""
+    items (every speaker in training) for held-out takes; it trains the text-to-speech model with the recogniser that
+    judges its round trip."""
     from benchmarks.real_data import TAKES, command
+    from tasks.train.table import with_role
 
     speaker = command(Path("t.csv"), Path("d"), "theo", 8000, Path("r"))
     after = lambda cmd, flag: cmd[cmd.index(flag) + 1]  # noqa: E731
     assert after(speaker, "--split-by") == "speaker" and after(speaker, "--test-groups") == "theo"
+    models = speaker[speaker.index("--models") + 1 : speaker.index("--root")]
+    assert {CLASSIFIER, RECOGNISER, with_role("speech-generator")} == set(models)
     takes = command(Path("t.csv"), Path("d"), TAKES, 8000, Path("r"))
     assert "--split-by" not in takes and "--test-groups" not in takes and after(takes, "--sample-rate") == "8000"

@@ -387,3 +387,18 @@ ROUND_TRIPS: dict[str, RoundTrip] = {
                                                                     prep, cbs, out, vocab)),
 }
 ROLES = tuple(dict.fromkeys(r for trip in ROUND_TRIPS.values() for r in trip.roles))
+
+
+def not_run(roles: set[str], builtin: bool) -> dict[str, str]:
+    """{round trip: why it does not run} for each one whose generator (its first role) is among `roles` but which
+    cannot run: a judge missing (named by its role) or a judge by the built-in vocabulary on other data."""
+    why = {}
+    for name, trip in ROUND_TRIPS.items():
+        missing = [r for r in trip.roles if r not in roles]
+        if trip.roles[0] not in roles:
+            continue
+        if missing:
+            why[name] = "needs the " + " and the ".join(missing) + " model trained in the same run"
+        elif trip.needs_vocab and not builtin:
+            why[name] = "judges by the built-in set's shapes and colours"
+    return why
