@@ -5,7 +5,7 @@
     data/     builtin/ (the built-in set and its vocabulary) -> ingest/ (what may be read, decoding) -> shards -> features + preprocess
               -> loader (model-ready shards to batches) -> codebook (VQ codebooks on the patch samples)
     train/    table (the one model table) -> batches (collation) + augment -> trainer
-    eval/     metrics (pure) -> report (tables, plots) -> evaluate -> audio_out -> roundtrip
+    eval/     metrics, colour (pure) -> report (tables, plots) -> evaluate -> audio_out -> roundtrip
     index/    the CLIP index: embed, build, search
     stages    the Prefect tasks, one per stage; flows/ composes them
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tasks.data.builtin.vocab import BUILTIN
-from tasks.eval import roundtrip
+from tasks.eval import colour, roundtrip
 from tasks.eval.generate import Sampling
 from tasks.infra.checkpoint import load_checkpoint, save_checkpoint
 from tasks.train import table
@@ -44,7 +44,7 @@ def trained_and_untrained(world, tmp: Path, name: str, steps: int, **sizes) -> t
 
 def test_colour_judge_reads_the_drawn_colour():
     """Known pixels: a red square on grey, a blended edge, an image all background, a blue blob beside red dots."""
-    palette, backgrounds = roundtrip.builtin_palette(BUILTIN)
+    palette, backgrounds = colour.builtin_palette(BUILTIN)
     img = torch.full((4, 3, 10, 10), 128.0)  # grey
     img[0, :, 2:6, 2:6] = torch.tensor([220.0, 30, 30])[:, None, None]  # red, 16% of the image
     img[0, :, 6, 2:6] = torch.tensor([197.0, 55, 55])[:, None]  # red 3:1 blended with grey: still red
@@ -52,8 +52,8 @@ def test_colour_judge_reads_the_drawn_colour():
     img[2, :, 0, 6:9] = torch.tensor([220.0, 30, 30])[:, None]  # three red dots
     img[3] = 255.0  # white: background only
     img[1, :, 0, 0] = torch.tensor([240.0, 210, 20])  # one yellow pixel: under the 2% floor
-    assert roundtrip.dominant_colour(img, palette, backgrounds) == ["red", None, "blue", None]
-    purity = roundtrip.colour_purity(img, palette, backgrounds)
+    assert colour.dominant_colour(img, palette, backgrounds) == ["red", None, "blue", None]
+    purity = colour.colour_purity(img, palette, backgrounds)
     assert purity[0] == 1.0 and purity[2] == pytest.approx(50 / 53) and purity[3] == 0.0
 
 
