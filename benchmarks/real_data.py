@@ -7,8 +7,10 @@ this runs what a user would run, at the defaults:
 
     tessera run --transcripts DIR.csv --split-by speaker --test-groups SPEAKER --sample-rate SR --models AST ASR TTS
 
-and for held-out takes (`--held-out takes`: every speaker in training, the default split's hash of items puts a
-tenth of the takes in test) the same command without --split-by and --test-groups.
+and for held-out takes (`--held-out takes`: every speaker in training) the same command with `--split-by take
+--test-groups 0 10 20 30 40`: every tenth take of each speaker and digit in test (`test_takes`). Not the default
+split's hash: that hashes each row's key, its file's path from the table's folder, and the benchmark's table sits in
+a new temporary folder, so the split would move with where that folder is (175 to 206 test clips seen).
 
 where the table (written into the output folder) has one row per file: audio, transcript (the label; a digit label
 spelled as its English word, so "7" is "seven"), label, speaker. SR is the files' own sample rate. Reported per
@@ -153,12 +155,23 @@ def transcripts_scores(checkpoint: Path, prep: Path) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------------- one split
-TAKES = "takes"  # the held-out name for held-out takes of every speaker (the default split)
+TAKES = "takes"  # the held-out name for held-out takes of every speaker
+TAKE_STRIDE = 10  # every tenth take in test
 
 
-def command(table: Path, folder: Path, speaker: str, rate: int, root: Path, normalise_by: str | None = None
-            ) -> list[str]:
-    split = [] if speaker == TAKES else ["--split-by", "speaker", "--test-groups", speaker]
+def test_takes(rows: list[dict]) -> list[str]:
+    """The takes held out for TAKES: every TAKE_STRIDE-th of the sorted take names (numbers sort as numbers)."""
+    names = sorted({r["take"] for r in rows}, key=lambda t: (not t.isdigit(), int(t) if t.isdigit() else 0, t))
+    return names[::TAKE_STRIDE]
+
+
+def command(table: Path, folder: Path, speaker: str, rate: int, root: Path, normalise_by: str | None = None,
+            takes: list[str] | None = None) -> list[str]:
+    """The `tessera run` command for one row; `takes` (for TAKES) are the take names held out."""
+    if speaker == TAKES and not takes:
+        raise ValueError("held-out takes need the takes to hold out (test_takes)")
+    split = (["--split-by", "take", "--test-groups", *takes] if speaker == TAKES
+             else ["--split-by", "speaker", "--test-groups", speaker])
     norm = ["--normalise-by", normalise_by] if normalise_by else []
     return ["tessera", "run", "--transcripts", str(table), "--allow-roots", str(folder), *split, *norm,
             "--sample-rate", str(rate), "--models", *run_models(), "--root", str(root),
@@ -171,7 +184,8 @@ def held_out(folder: Path, speaker: str, out: Path, normalise_by: str | None = N
     rows = scan(folder)
     root = out / f"held-out-{speaker}"
     table = write_table(rows, root / "transcripts.csv")
-    cmd = command(table, folder.resolve(), speaker, sample_rate(rows), root, normalise_by)
+    takes = test_takes(rows)
+    cmd = command(table, folder.resolve(), speaker, sample_rate(rows), root, normalise_by, takes)
     cmd[0] = str(Path(sys.executable).with_name("tessera"))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root.resolve()}/mlflow.db"}
     t0 = time.perf_counter()
@@ -188,12 +202,13 @@ def held_out(folder: Path, speaker: str, out: Path, normalise_by: str | None = N
             "tts_roundtrip_cer": spoken["cer"], "tts_direct_cer": spoken["direct_cer"], "tts_n": int(spoken["n"]),
             "lr_accuracy": baseline_accuracy(prep), "wall_s": round(wall, 1),
             "command": " ".join(command(Path("TABLE.csv"), Path("DIR"), speaker, sample_rate(rows), Path("ROOT"),
-                                        normalise_by))}
+                                        normalise_by, takes))}
 
 
 def markdown(rows: list[dict], folder: Path) -> str:
     lines = [f"# Real data: {folder}", "", "Each speaker held out in turn (never heard in training; val: held-out "
-             "takes of the others), then `takes` (held-out takes of every speaker), `tessera run` at its defaults "
+             "takes of the others), then `takes` (every tenth take of every speaker and digit held out: `--split-by take "
+             "--test-groups ...`), `tessera run` at its defaults "
              "(benchmarks/real_data.py). LR: logistic "
              "regression on per-band log-mel mean and std. TTS: text-to-speech trained on the same train clips, its "
              "speech of the first test transcripts (TTS n) in train speakers' voices transcribed by the run's speech "
