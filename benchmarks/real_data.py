@@ -207,13 +207,12 @@ def held_out(folder: Path, speaker: str, out: Path, normalise_by: str | None = N
 
 def markdown(rows: list[dict], folder: Path) -> str:
     lines = [f"# Real data: {folder}", "", "Each speaker held out in turn (never heard in training; val: held-out "
-             "takes of the others), then `takes` (every tenth take of every speaker and digit held out: `--split-by take "
-             "--test-groups ...`), `tessera run` at its defaults "
-             "(benchmarks/real_data.py). LR: logistic "
-             "regression on per-band log-mel mean and std. TTS: text-to-speech trained on the same train clips, its "
-             "speech of the first test transcripts (TTS n) in train speakers' voices transcribed by the run's speech "
-             "recogniser after Griffin-Lim (CER; on the generated log-mel itself in brackets): compare the "
-             "recogniser's CER on the real test speech.", "",
+             "takes of the others), then `takes` (every tenth take of every speaker and digit held out: "
+             "`--split-by take --test-groups ...`), `tessera run` at its defaults (benchmarks/real_data.py). LR: "
+             "logistic regression on per-band log-mel mean and std. TTS: text-to-speech trained on the same train "
+             "clips, its speech of the first test transcripts (TTS n) in train speakers' voices transcribed by the "
+             "run's speech recogniser after Griffin-Lim (CER; on the generated log-mel itself in brackets): compare "
+             "the recogniser's CER on the real test speech.", "",
              "| held out | train+val / test clips | AST accuracy | ASR word accuracy | ASR CER | LR accuracy | "
              "AST - LR | ASR words - LR | TTS round trip CER (direct) | TTS n | wall s |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]

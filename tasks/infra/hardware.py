@@ -117,8 +117,8 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 # bf16 is taken only where its step is at least this much faster than fp32's. The timing is noisy (two lanes share
-# two cores): the AST's step read bf16 150 / fp32 184 ms in one run and 152 / 140 ms in the next, same command (AMD
-# EPYC, 2026-12-04; 1.03x-1.23x for bf16 in five of ten runs), so the choice flipped between runs and with it the
+# two cores): the AST's step read bf16 151 / fp32 173 ms in one run and 152 / 140 ms in the next, same command (AMD
+# EPYC, 2026-12-04; 1.02x-1.23x for bf16 in five of ten runs), so the choice flipped between runs and with it the
 # result (an unseen nicolas 0.698 / 0.532). Under the margin fp32 it is: the same command repeats its figures.
 BF16_MARGIN = 1.3
 
