@@ -148,9 +148,13 @@ def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None,
     if trips and trips["metrics"]:
         lines += ["", "round trips: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(trips["metrics"].items()))]
     if trips is not None:
-        skipped = roundtrip_lib.not_run({spec(m).role for m in trained if spec(m).role}, builtin)
-        lines += [""] * bool(skipped) + [f"- round trip {name} not run: it {why}" + (
-            f" (add {' '.join(_players(why))} to --models)" if _players(why) else "") for name, why in skipped.items()]
+        roles = {spec(m).role for m in trained if spec(m).role}
+        skipped = []
+        for name, why in roundtrip_lib.not_run(roles, builtin).items():
+            add = [with_role(r) for r in roundtrip_lib.ROUND_TRIPS[name].roles if r not in roles]
+            hint = f" (add {' '.join(add)} to --models)" if add else ""
+            skipped.append(f"- round trip {name} not run: it {why}{hint}")
+        lines += ["", *skipped] if skipped else []
     if registered:
         lines += ["", "registered: " + ", ".join(
             f"{r['registered_name']} v{r['version']}" + (f" (champion v{r['champion']})" if r["champion"] else "")
@@ -158,11 +162,6 @@ def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None,
     if index:
         lines += ["", f"CLIP index: `{index['path']}` — search it with `tessera search TEXT` or `--image FILE`"]
     return "\n".join(lines)
-
-
-def _players(why: str) -> list[str]:
-    """The table's models that play the roles named in `why` (what to add to --models)."""
-    return [with_role(r) for r in roundtrip_lib.ROLES if r in why.split()]
 
 
 def lane_count(t: TrainParams) -> int:

@@ -352,9 +352,9 @@ def not_run(roles: set[str], builtin: bool) -> dict[str, str]:
     cannot run: a judge missing (named by its role) or a judge by the built-in vocabulary on other data."""
     why = {}
     for name, trip in ROUND_TRIPS.items():
-        missing = [r for r in trip.roles if r not in roles]
         if trip.roles[0] not in roles:
             continue
+        missing = [r for r in trip.roles if r not in roles]
         if missing:
             why[name] = "needs the " + " and the ".join(missing) + " model trained in the same run"
         elif trip.needs_vocab and not builtin:
