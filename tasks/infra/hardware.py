@@ -143,5 +143,10 @@ def faster_dtype(step: Callable[[], None], device: torch.device, repeats: int = 
                     sync(device)
                     times.append(time.perf_counter() - t0)
             seconds[dtype] = min(times)
+    return kept_dtype(seconds), seconds
+
+
+def kept_dtype(seconds: dict[torch.dtype, float]) -> torch.dtype:
+    """Of {dtype: seconds a step}, the one precision "auto" keeps: the faster, bf16 only by BF16_MARGIN over fp32."""
     handicap = {torch.bfloat16: BF16_MARGIN} if torch.float32 in seconds else {}
-    return min(seconds, key=lambda d: seconds[d] * handicap.get(d, 1.0)), seconds
+    return min(seconds, key=lambda d: seconds[d] * handicap.get(d, 1.0))
