@@ -20,38 +20,27 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 from mlflow import MlflowClient
 
 from flows import deploy as deploy_lib
 from tasks.infra import procs, tracking
+from tests import processes
 from tests.helpers import TINY_TRAIN, make_prep
+from tests.processes import BIN, ROOT, Proc, alive, cmdline, free_port, http_ok, stop
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the venv's bin: tessera, prefect, mlflow
 SEED = int(os.environ.get("TESSERA_FAULT_SEED", "15"))
 STARTUP_S = 120
 
 
 # ---------------------------------------------------------------------------------------------------- processes
-@dataclass
-class Proc:
-    popen: subprocess.Popen
-    log: Path
-
-    def tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
-
-
 @pytest.fixture
 def spawn(tmp_path):
     """spawn(cmd, env, name) starts a process in a session of its own, output to tmp/name.log; every process and
@@ -59,79 +48,16 @@ def spawn(tmp_path):
     started: list[Proc] = []
 
     def start(cmd: list[str], env: dict, name: str, cwd: Path = ROOT) -> Proc:
-        log = tmp_path / f"{name}.log"
-        with log.open("ab") as out:
-            popen = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        started.append(proc := Proc(popen, log))
+        started.append(proc := processes.start(cmd, env, tmp_path / f"{name}.log", cwd))
         return proc
 
     yield start
     for proc in started:
-        _stop(proc)
-
-
-def _stop(proc: Proc) -> None:
-    """SIGTERM to the process's group and its descendants, SIGKILL to what is left after 10 s."""
-    pids = [proc.popen.pid, *procs.descendants(proc.popen.pid)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for pid in pids:
-            for kill in (os.killpg, os.kill):
-                try:
-                    kill(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        try:
-            proc.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            continue
-        if not _alive(pids):
-            return
-
-
-def _alive(pids: list[int]) -> list[int]:
-    """The pids of `pids` that still run (a zombie has exited)."""
-    out = []
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            out.append(pid)
-    return out
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return "?"
+        stop(proc)
 
 
 def _wait_for(cond, what: str, proc: Proc | None = None, timeout: float = STARTUP_S, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while not (value := cond()):
-        if proc is not None and proc.popen.poll() is not None:
-            pytest.fail(f"waiting for {what}: {proc.popen.args[:4]} exited with {proc.popen.returncode} "
-                        f"(seed {SEED}):\n{proc.tail()}")
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not within {timeout:.0f} s (seed {SEED})" + (f"\n{proc.tail()}" if proc else ""))
-        time.sleep(every)
-    return value
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    return processes.wait_for(cond, f"{what} (seed {SEED})", proc, timeout, every)
 
 
 def _base_env(tmp: Path) -> dict:
@@ -146,13 +72,13 @@ def _kill_and_check_nothing_is_left(proc: Proc, what: str) -> list[str]:
     """SIGKILL `proc` alone (not its group): every process it had started must end by itself. Returns the command
     lines of those processes."""
     kids = procs.descendants(proc.popen.pid)
-    lines = [_cmdline(pid) for pid in kids]
+    lines = [cmdline(pid) for pid in kids]
     proc.popen.send_signal(signal.SIGKILL)
     proc.popen.wait(timeout=30)
     deadline = time.monotonic() + 30 + procs.GRACE_S
-    while _alive(kids) and time.monotonic() < deadline:
+    while alive(kids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = {pid: _cmdline(pid) for pid in _alive(kids)}
+    left = {pid: cmdline(pid) for pid in alive(kids)}
     assert not left, f"SIGKILL {what} (seed {SEED}) left processes without a parent: {left}"
     return lines
 
@@ -299,13 +225,13 @@ def _mlflow_server(spawn, tmp: Path, port: int, name: str) -> Proc:
     proc = spawn([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                   "--backend-store-uri", f"sqlite:///{tmp}/mlflow-server.db", "--artifacts-destination",
                   str(tmp / "mlartifacts")], env, name, cwd=tmp)
-    _wait_for(lambda: _http_ok(f"http://127.0.0.1:{port}/health"), "the MLflow server", proc, every=0.3)
+    _wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/health"), "the MLflow server", proc, every=0.3)
     return proc
 
 
 @pytest.mark.servers
 def test_mlflow_down_past_the_client_retries_training_finishes_and_every_metric_arrives(tmp_path, spawn):
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = _mlflow_server(spawn, tmp_path, port, "mlflow-1")
     cfg = replace(TINY_TRAIN, max_steps=60, ckpt_every=5, eval_every=5, log_every=2)
@@ -318,7 +244,7 @@ def test_mlflow_down_past_the_client_retries_training_finishes_and_every_metric_
     _wait_for(lambda: (out / "train.json").exists() and json.loads((out / "train.json").read_text())
               .get("checkpoint_step", 0) >= 5, "the first checkpoint", child, timeout=180)
     run_id = json.loads((out / "train.json").read_text())["run_id"]
-    _stop(server)  # down: every request fails after one retry
+    stop(server)  # down: every request fails after one retry
     down_at = json.loads((out / "train.json").read_text())["checkpoint_step"]
     _wait_for(lambda: "does not answer" in child.tail(20000), "the warning", child, timeout=60)
     # the training goes on through checkpoints while MLflow is away
@@ -367,7 +293,7 @@ def _prefect_server(spawn, tmp: Path, port: int, name: str) -> Proc:
            "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS": "2"}  # a freed slot is found sooner
     proc = spawn([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--no-ui"],
                  env, name)
-    _wait_for(lambda: _http_ok(f"http://127.0.0.1:{port}/api/health"), "the Prefect server", proc, every=0.3)
+    _wait_for(lambda: http_ok(f"http://127.0.0.1:{port}/api/health"), "the Prefect server", proc, every=0.3)
     return proc
 
 
@@ -375,7 +301,7 @@ def _prefect_server(spawn, tmp: Path, port: int, name: str) -> Proc:
 def test_a_prefect_restart_while_a_training_holds_the_slot_does_not_leak_it(tmp_path, spawn):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     server = _prefect_server(spawn, tmp_path, port, "prefect-1")
     env = {**_base_env(tmp_path), "PREFECT_API_URL": url, "PREFECT_LOGGING_LEVEL": "INFO"}
@@ -392,7 +318,7 @@ def test_a_prefect_restart_while_a_training_holds_the_slot_does_not_leak_it(tmp_
             _wait_for(lambda: "A holds the slot" in a.tail(), "A to take the slot", a, every=0.3)
             _wait_for(lambda: (s := slots()) and s.active == 1 and s.holders, "A on record as the holder", a,
                       every=0.5)
-            _stop(server)
+            stop(server)
             server = _prefect_server(spawn, tmp_path, port, "prefect-2")
             leased = client.read_concurrency_limit_by_tag(deploy_lib.TRAIN_TAG).active_slots
             assert slots().active == 1 and leased == []  # the restart forgot A's lease but kept the count

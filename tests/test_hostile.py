@@ -6,25 +6,21 @@ records every open and folder listing; a FIFO outside the roots would also hang 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import socket
-import struct
 import sys
 import tarfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from tasks.data.ingest import IngestConfig, Sources, digest_sources, ingest
-from tests.tiny_inputs import image_bytes, save_audio, save_image
+from tests.tiny_inputs import (fifo, image_bytes, link_member, noise_png, png_bomb, save_audio, save_image, symlink,
+                               tar_of)
 
 CFG = IngestConfig()
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # bombs are the point
@@ -54,52 +50,6 @@ def run_recorded(fn, *args):
 
 
 # ---- corpus builders ---------------------------------------------------------------------------------------------
-
-
-def png_bomb(w: int, h: int) -> bytes:
-    """A PNG whose header declares w x h pixels, with a few bytes of data: decoding it would allocate w * h * 3."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
-def noise_png(path: Path, size=(64, 64)) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(path)
-    return path
-
-
-def tar_of(path: Path, members: list, gz: bool = False) -> Path:
-    """members: (name, bytes) for files, or ready TarInfo objects (links, devices: no data)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w:gz" if gz else "w") as tf:
-        for m in members:
-            if isinstance(m, tarfile.TarInfo):
-                tf.addfile(m)
-                continue
-            info = tarfile.TarInfo(m[0])
-            info.size = len(m[1])
-            tf.addfile(info, io.BytesIO(m[1]))
-    return path
-
-
-def link_member(name: str, target: str, kind=tarfile.SYMTYPE) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type, info.linkname = kind, target
-    return info
-
-
-def fifo(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.mkfifo(path)
-    return path
-
-
-def symlink(path: Path, target) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.symlink(target, path)
-    return path
 
 
 @dataclass

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,74 +27,16 @@ import yaml
 
 from flows import deploy as deploy_lib
 from flows.cli import main as cli_main
-from tasks.infra import procs
+from tests.processes import BIN, ROOT, Proc, free_port, http_ok, start, stop, wait_for
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent  # the venv's bin: tessera, prefect, mlflow
 AUTH = "tessera:loopback-secret"
 EXPERIMENT = "tessera-loopback"
 STARTUP_S = 300  # both servers start side by side; a busy 2-core machine needs a minute or more
 RUN_S = 480
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Proc:
-    popen: subprocess.Popen
-    log: Path
-
-    def tail(self, n: int = 4000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
-
-
-def _start(cmd: list[str], env: dict, log: Path, cwd: Path = ROOT) -> Proc:
-    handle = log.open("wb")
-    popen = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
-    handle.close()
-    return Proc(popen, log)
-
-
-def _stop(proc: Proc) -> None:
-    """SIGTERM to the process group and to the groups of its descendants, SIGKILL whatever is left after 10 s
-    (a Prefect worker may take longer than that to shut down gracefully)."""
-    groups = {proc.popen.pid}
-    for pid in procs.descendants(proc.popen.pid):
-        try:
-            groups.add(os.getpgid(pid))
-        except ProcessLookupError:
-            pass
-    groups.discard(os.getpgid(0))  # never our own
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for g in groups:
-            try:
-                os.killpg(g, sig)
-            except ProcessLookupError:
-                pass
-        try:
-            proc.popen.wait(timeout=10)
-            if sig == signal.SIGTERM:
-                time.sleep(1)  # children exit after their leader; a last SIGKILL below catches stragglers
-        except subprocess.TimeoutExpired:
-            continue
-
-
 def _wait_http(url: str, proc: Proc, deadline: float) -> None:
-    while True:
-        if proc.popen.poll() is not None:
-            pytest.fail(f"{proc.popen.args[:3]} exited with {proc.popen.returncode}:\n{proc.tail()}")
-        try:
-            if httpx.get(url, timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            pytest.fail(f"{url} did not answer in {STARTUP_S} s:\n{proc.tail()}")
-        time.sleep(1)
+    wait_for(lambda: http_ok(url, timeout=5), url, proc, timeout=deadline - time.monotonic(), every=1)
 
 
 @dataclass
@@ -114,14 +54,14 @@ def servers(tmp_path_factory):
     home.mkdir()
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     base.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    p_port, m_port = _free_port(), _free_port()
+    p_port, m_port = free_port(), free_port()
     started: list[Proc] = []
     try:  # both start side by side; whatever started is stopped, whatever fails
-        started.append(prefect := _start(
+        started.append(prefect := start(
             [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(p_port), "--no-ui"],
             {**base, "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}/prefect.db",
              "PREFECT_SERVER_API_AUTH_STRING": AUTH}, tmp / "prefect-server.log"))
-        started.append(mlflow := _start(
+        started.append(mlflow := start(
             [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(m_port), "--workers", "1",
              "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db", "--artifacts-destination", str(tmp / "mlartifacts")],
             {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, tmp / "mlflow-server.log", cwd=tmp))
@@ -134,7 +74,7 @@ def servers(tmp_path_factory):
         yield Servers(env["PREFECT_API_URL"], env["MLFLOW_TRACKING_URI"], tmp / "mlartifacts", env)
     finally:
         for proc in started:
-            _stop(proc)
+            stop(proc)
     assert all(proc.popen.poll() is not None for proc in started)
 
 
@@ -159,10 +99,10 @@ def deployed(servers):
 
 @pytest.fixture(scope="module")
 def worker(servers, deployed, tmp_path_factory):
-    proc = _start([str(BIN / "tessera"), "worker", "--name", "loopback"], servers.env,
+    proc = start([str(BIN / "tessera"), "worker", "--name", "loopback"], servers.env,
                   tmp_path_factory.mktemp("worker") / "worker.log")
     yield proc
-    _stop(proc)
+    stop(proc)
 
 
 @pytest.mark.servers
@@ -205,7 +145,7 @@ def test_deploy_errors_name_the_value_and_the_fix(servers, capsys):
         assert cli_main(["deploy"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "PREFECT_API_URL is not set" in err, err
-    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{_free_port()}/api"}):
+    with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
         assert cli_main(["deploy"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "does not answer" in err, err

@@ -22,16 +22,7 @@ from models.vq import (
     unpatchify,
     unpatchify_spec,
 )
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tensors are tiny, and on a shared two-core machine OpenMP threads that spin
-    while another process holds a core made these tests 30x slower (0.7 s -> 23 s for one overfit run)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
+from tests.tiny_models import _one_thread  # noqa: F401 (fixture)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -1,11 +1,16 @@
 """Tiny input files for the ingest tests (test_ingest.py, test_ingest_keys.py, test_hostile.py): images of any mode
-and format, audio of any rate, channels and format, tars, img2dataset samples; and ingest's outputs read back."""
+and format, audio of any rate, channels and format, tars, img2dataset samples, hostile files (decompression bombs,
+links, FIFOs, tar members of any type); and ingest's outputs read back."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
+import struct
 import tarfile
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -40,12 +45,53 @@ def save_audio(path, sr=16000, seconds=0.5, channels=1, freq=440.0, fmt="WAV", s
 
 
 def write_tar(path, samples: list[tuple[str, dict[str, bytes]]]):
-    with tarfile.open(path, "w") as tf:
-        for key, members in samples:
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tf.addfile(info, io.BytesIO(data))
+    """samples: (key, {extension: bytes}): a webdataset shard."""
+    return tar_of(path, [(f"{key}.{ext}", data) for key, members in samples for ext, data in members.items()])
+
+
+def png_bomb(w: int, h: int) -> bytes:
+    """A PNG whose header declares w x h pixels, with a few bytes of data: decoding it would allocate w * h * 3."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def noise_png(path: Path, size=(64, 64)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def tar_of(path: Path, members: list, gz: bool = False) -> Path:
+    """members: (name, bytes) for files, or ready TarInfo objects (links, devices: no data)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz" if gz else "w") as tf:
+        for m in members:
+            if isinstance(m, tarfile.TarInfo):
+                tf.addfile(m)
+                continue
+            info = tarfile.TarInfo(m[0])
+            info.size = len(m[1])
+            tf.addfile(info, io.BytesIO(m[1]))
+    return path
+
+
+def link_member(name: str, target: str, kind=tarfile.SYMTYPE) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info
+
+
+def fifo(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    return path
+
+
+def symlink(path: Path, target) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(target, path)
     return path
 
 
