@@ -115,8 +115,7 @@ def test_trained_imagegpt_draws_one_coloured_thing(world, tmp_path):
 def test_completions_keep_the_given_rows_and_draw_the_rest_as_asked():
     """generate.complete_images: the given top rows come back as they were (in the palette), the rest is drawn with
     the Sampling it is given (greedy: the same whatever the generator; T 1: another draw for another generator), and
-    by default with IMAGEGPT_COMPLETION_SAMPLING, which the round trip uses for completions (samples:
-    IMAGEGPT_SAMPLING)."""
+    by default with IMAGEGPT_SAMPLING, which the round trip uses for its samples and completions."""
     import inspect
     from types import SimpleNamespace
 
@@ -143,8 +142,8 @@ def test_completions_keep_the_given_rows_and_draw_the_rest_as_asked():
     assert torch.equal(draw(greedy, 0), draw(greedy, 1))
     assert not torch.equal(draw(hot, 0), draw(hot, 1))
     default = inspect.signature(generate.complete_images).parameters["how"].default
-    assert default == generate.IMAGEGPT_COMPLETION_SAMPLING != generate.IMAGEGPT_SAMPLING
-    assert inspect.signature(roundtrip.roundtrip_imagegpt).parameters["complete"].default == default
+    trip = inspect.signature(roundtrip.roundtrip_imagegpt).parameters
+    assert default == generate.IMAGEGPT_SAMPLING == trip["complete"].default == trip["how"].default
 
 
 def _tiny_t2i(n_codes: int = 8, size: int = 8, patch: int = 4):

@@ -17,7 +17,7 @@ pipeline's task wrapper) logs them. Everything runs under torch.no_grad, in fp32
 measured 2-7x slower here for these model sizes (casts dominate the small matmuls); PRECISION = "bf16" turns it on
 for the forward passes and generation (never for the teacher-forced NLL, where bf16 logits would move bits/token in
 the second decimal, nor Griffin-Lim). Images are sampled (tasks/eval/generate.py IMAGEGPT_SAMPLING,
-IMAGEGPT_COMPLETION_SAMPLING, T2I_SAMPLING: temperature, top-k, classifier-free guidance) from a seeded generator:
+T2I_SAMPLING: temperature, top-k, classifier-free guidance) from a seeded generator:
 greedy image decoding collapses to blank backgrounds, a background patch being the likeliest code almost everywhere.
 Speech and transcripts are greedy.
 """

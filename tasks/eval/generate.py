@@ -86,11 +86,17 @@ T2I_SAMPLING = Sampling(guidance=1.75, temperature=0.3, top_k=8, rerank=4)
 # Ten sets of 96 at T 1.2, top-k 8 (1,200 steps, seed 0, AMD EPYC 2026-12-03): six shapes in ten of ten; of the
 # coherent confident ones circle 0.31, square 0.27, cross 0.14, star 0.13, triangle 0.09, diamond 0.06 (test images:
 # cross, star, triangle ~0.24 each, the others ~0.10): it favours plain blobs, so diamonds are the rare ones.
-IMAGEGPT_SAMPLING = Sampling(temperature=1.2, top_k=8)
-# Completions are drawn cooler: the given half already fixes the thing's place and colour, and T 1.2's spread only
-# blurs it. ImageGPT reading the row above (ImageGPTConfig.row_above), 1,800 steps of the 8,000-image set, the round
-# trip's 192 completions at T 0.8 / 1.0 / 1.1 / 1.2, top-k 8: 0.703 / 0.703 / 0.667 / 0.651 (the given half alone:
-# 0.688); unconditional samples at T 1.0 stay one coloured thing less often (0.854 against 0.865 at 1.2).
+# At 1,800 steps with the row above (2026-12-04, eighteenth session; two default-run checkpoints, training seeds 0 / 1,
+# 20 sets of 96 each, the run's ViT) T 1.2 under-draws triangles (a hot edge reads as a blob: circles): six shapes
+# named in 15 / 20 sets of 96 at T 1.2, 19 / 18 at T 1.1, 20 / 20 at T 1.0 (every code: 20 / 20); triangles 0.034 /
+# 0.043 of the coherent confident samples at T 1.2, 0.062 / 0.051 at T 1.0; one coloured thing the ViT names 0.890 /
+# 0.893 -> 0.874 / 0.881. So samples are drawn at T 1.0, as completions were already: one sampling for both.
+IMAGEGPT_SAMPLING = Sampling(temperature=1.0, top_k=8)
+# Completions were drawn at T 1.0 before samples were: the given half already fixes the thing's place and colour, and
+# T 1.2's spread only blurs it. ImageGPT reading the row above (ImageGPTConfig.row_above), 1,800 steps of the
+# 8,000-image set, the round trip's 192 completions at T 0.8 / 1.0 / 1.1 / 1.2, top-k 8: 0.703 / 0.703 / 0.667 /
+# 0.651 (the given half alone: 0.688); unconditional samples at T 1.0 stay one coloured thing less often (0.854
+# against 0.865 at 1.2).
 # Re-ranked by ImageGPT's own likelihood of the drawn half (best of n draws; no judge; 1,800 steps, seed 0, all 1,399
 # test images, AMD EPYC 2026-12-03): n = 1 / 2 / 4 / 8: 0.608 / 0.622 / 0.620 / 0.630, for n x 57 s on one thread. Off.
 # Consensus of n draws instead (minimum Bayes risk: the draw whose bottom-half codes differ least from the others';
@@ -101,7 +107,6 @@ IMAGEGPT_SAMPLING = Sampling(temperature=1.2, top_k=8)
 # Guided by the given half (classifier-free guidance on the prompt against a null top half of its background code;
 # default run's checkpoint, all 1,399, Intel AMX 2026-12-04): guidance 1 / 1.25 / 2 / 3: 0.629 / 0.632 / 0.600 /
 # 0.513, for twice the sampling. Off.
-IMAGEGPT_COMPLETION_SAMPLING = Sampling(temperature=1.0, top_k=8)
 
 
 @torch.no_grad()
@@ -190,7 +195,7 @@ def imagegpt_tokens(model, ctx: BatchContext, pixels: torch.Tensor) -> torch.Ten
 
 @torch.no_grad()
 def complete_images(model, ctx: BatchContext, pixels: torch.Tensor, rows: int,
-                    how: Sampling = IMAGEGPT_COMPLETION_SAMPLING,
+                    how: Sampling = IMAGEGPT_SAMPLING,
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """ImageGPT completions: pixels (N, 3, S, S) 0..255, downsampled to the model's side; its first `rows` rows
     given, the rest sampled -> palette pixels (N, 3, side, side)."""

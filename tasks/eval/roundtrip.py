@@ -27,7 +27,7 @@ from tasks.eval import audio_out
 from tasks.eval.colour import builtin_palette, colour_purity, dominant_colour
 from tasks.eval.evaluate import (BATCH_SIZE, N_EXAMPLES, N_SHOW, SEED, Run, amp, load_model, transcribe, zero_shot,
                                  zero_shot_classifiers)
-from tasks.eval.generate import (IMAGEGPT_COMPLETION_SAMPLING, IMAGEGPT_SAMPLING, T2I_SAMPLING, Sampling, clip_scorer,
+from tasks.eval.generate import (IMAGEGPT_SAMPLING, T2I_SAMPLING, Sampling, clip_scorer,
                                  complete_images, generate_images, imagegpt_pixels, imagegpt_tokens, t2i_pixels)
 from tasks.eval.metrics import cer, wer
 from tasks.eval.report import finish, image_grid, table
@@ -222,7 +222,7 @@ def _upsampled(pixels: torch.Tensor, size: int) -> torch.Tensor:
 def roundtrip_imagegpt(imagegpt_ckpt: Path, classifier_ckpt: Path, prep_dir: Path, codebooks: dict[str, str] | None,
                        out_dir: Path, vocab: Vocabulary, samples: int = IMAGEGPT_SAMPLES,
                        completions: int = IMAGEGPT_COMPLETIONS, how: Sampling = IMAGEGPT_SAMPLING,
-                       complete: Sampling = IMAGEGPT_COMPLETION_SAMPLING) -> dict:
+                       complete: Sampling = IMAGEGPT_SAMPLING) -> dict:
     """ImageGPT judged by the trained ViT (images upsampled to its size): unconditional samples (the share the ViT
     names with top-1 probability >= CONFIDENT, which scattered pixels reach too; the share that is one coloured thing,
     colour_purity >= PURE; both; the shapes the coherent confident ones cover), and completions of test images from

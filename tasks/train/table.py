@@ -224,13 +224,13 @@ MODELS: dict[str, ModelSpec] = {
         inputs=("tokens",),
         # Measured (round trip: 96 samples; README "What the models learn"): 300 steps, no dropout: none of the
         # samples is one coloured thing (scattered pixels); 600 steps with dropout 0.1: 0.66 are, 5 shapes named
-        # (sampled at T 1; at the round trip's T 1.2, top-k 8, tasks/eval/generate.py IMAGEGPT_SAMPLING: 0.89, 5).
+        # (sampled at T 1; at the round trip's T 1.2 then, top-k 8, tasks/eval/generate.py IMAGEGPT_SAMPLING: 0.89, 5).
         # 9.81 epochs of the 8,000-image set (1,800 steps, 2026-12-03; 600 before): at 600 steps on it one coloured
         # thing 0.75 with five shapes named, completions 0.599; 1,200: 0.854, five, 0.615; 1,800: 0.896, six, 0.630
         # (round trip at T 1.2, top-k 8, judged by the default run's ViT). Its lane has the minutes: text-to-image's
         # is longer. Each input also embeds the codes above-left, above and above-right (row_above, as text-to-image's
         # tgt_row_above; 2026-12-03): bits/token 0.346 -> 0.326 / 0.321 (training seeds 0 / 1), completions at T 1.0
-        # (generate.py IMAGEGPT_COMPLETION_SAMPLING) 0.641 -> 0.703 / 0.698, one coloured thing at T 1.2 0.896 ->
+        # (generate.py IMAGEGPT_SAMPLING since) 0.641 -> 0.703 / 0.698, one coloured thing at T 1.2 0.896 ->
         # 0.865 / 0.875, six shapes each; 4 layers instead of 3 (no stencil): 0.346, 0.667, 0.917.
         # lr 3e-3 / 4e-3 instead of 2e-3 at 1,200 steps (seed 0, AMD EPYC, 2026-12-03): bits/token 0.362 -> 0.354 /
         # 0.356, completions (all 1,399, mean of two draws) 0.595 -> 0.600 / 0.590: no lever.
