@@ -133,8 +133,9 @@ def _register(params: PipelineParams, data: dict, trained: dict, evals: dict, pr
 
 def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None, registered: dict,
              builtin: bool = True) -> str:
-    """One row per model: its headline test metric first (table `headline`), then validation, then the rest; the round
-    trips, and those a trained generator could not take and why (a judge not trained in this run)."""
+    """One row per model: its headline test metric first (table `headline`), then validation, then the rest; one row
+    per round trip, its headline metrics first (ROUND_TRIPS `headline`), and those a trained generator could not take
+    and why (a judge not trained in this run)."""
     lines = ["| model | steps | headline (test) | val | other test metrics |", "|---|---|---|---|---|"]
     for m, rec in trained.items():
         test = evals.get(m, {}).get("metrics", {})
@@ -146,7 +147,15 @@ def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None,
             if head in other])
         lines.append(f"| {m} | {rec['steps']} | {headline} | {val or 'no val split'} | {rest} |")
     if trips and trips["metrics"]:
-        lines += ["", "round trips: " + ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(trips["metrics"].items()))]
+        lines += ["", "| round trip | headline (test) | other metrics |", "|---|---|---|"]
+        for name, trip in roundtrip_lib.ROUND_TRIPS.items():
+            got = {k.removeprefix(f"{name}/"): v for k, v in trips["metrics"].items() if k.startswith(f"{name}/")}
+            head = [k for k in trip.headline if k in got]
+            if got:
+                lines.append(f"| {name} | {', '.join(f'{k} {_fmt(got[k])}' for k in head)} | "
+                             f"{', '.join(f'{k} {_fmt(v)}' for k, v in sorted(got.items()) if k not in head)} |")
+        if trips.get("path"):
+            lines += ["", f"round trips' grids, WAVs and spectrograms: `{trips['path']}/summary.md`"]
     if trips is not None:
         roles = {spec(m).role for m in trained if spec(m).role}
         skipped = []

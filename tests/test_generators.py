@@ -248,3 +248,24 @@ def test_a_generator_without_its_judge_is_told_what_to_add():
     assert "- round trip t2i not run: it needs the image-text model trained in the same run (add clip to --models)" \
            in lines
     assert not any("not run" in line for line in _summary(trained, {}, None, None, {}).splitlines())  # trips off
+
+
+def test_the_run_summary_has_a_row_per_round_trip_with_its_headline_first():
+    """The pipeline's summary: one table row per round trip that ran, the metrics its targets name (ROUND_TRIPS
+    `headline`) first in that order, then every other metric of that trip once; trips that did not run have no row."""
+    from flows.pipeline import _summary
+
+    metrics = {"tts/wer": 0.07, "tts/cer": 0.054, "tts/direct_cer": 0.048,
+               "t2i/colour_recovered": 1.0, "t2i/n": 576, "t2i/heldout_shape_recovered": 0.542,
+               "t2i/seen_shape_recovered": 0.847, "t2i/shape_recovered": 0.821}
+    lines = _summary({}, {}, {"path": "/r/ab", "metrics": metrics}, None, {}).splitlines()
+    at = lines.index("| round trip | headline (test) | other metrics |")
+    assert lines[at + 1:at + 4] == [
+        "|---|---|---|",
+        "| t2i | seen_shape_recovered 0.847, heldout_shape_recovered 0.542, colour_recovered 1 | n 576, "
+        "shape_recovered 0.821 |",
+        "| tts | cer 0.054 | direct_cer 0.048, wer 0.07 |"]
+    assert not any(line.startswith("| image-sampler") for line in lines)
+    assert "round trips' grids, WAVs and spectrograms: `/r/ab/summary.md`" in lines
+    for trip in roundtrip.ROUND_TRIPS.values():
+        assert trip.headline, "every round trip names its headline metrics"

@@ -329,20 +329,24 @@ class RoundTrip:
     roles: tuple[str, ...]
     run: Callable[..., dict]  # (checkpoints by role, prep_dir, codebooks, out_dir, vocab) -> record
     needs_vocab: bool = False  # its prompts and judges are the data's vocabulary (the built-in set's)
+    headline: tuple[str, ...] = ()  # the metrics a run's summary names first (issue 13's targets), in this order
 
 
 ROUND_TRIPS: dict[str, RoundTrip] = {
     "t2i": RoundTrip(("image-generator", "image-classifier", "image-text"),
                      lambda c, prep, cbs, out, vocab: roundtrip_t2i(c["image-generator"], c["image-classifier"],
                                                                     c["image-text"], prep, cbs, out, vocab),
-                     needs_vocab=True),
+                     needs_vocab=True,
+                     headline=("seen_shape_recovered", "heldout_shape_recovered", "colour_recovered")),
     "image-sampler": RoundTrip(("image-sampler", "image-classifier"),
                                lambda c, prep, cbs, out, vocab: roundtrip_imagegpt(
                                    c["image-sampler"], c["image-classifier"], prep, cbs, out, vocab),
-                               needs_vocab=True),
+                               needs_vocab=True,
+                               headline=("confident_share", "shapes_covered", "completion_shape_recovered")),
     "tts": RoundTrip(("speech-generator", "speech-recogniser"),
                      lambda c, prep, cbs, out, vocab: roundtrip_tts(c["speech-generator"], c["speech-recogniser"],
-                                                                    prep, cbs, out, vocab)),
+                                                                    prep, cbs, out, vocab),
+                     headline=("cer",)),
 }
 ROLES = tuple(dict.fromkeys(r for trip in ROUND_TRIPS.values() for r in trip.roles))
 
