@@ -150,10 +150,11 @@ def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None,
         lines += ["", "| round trip | headline (test) | other metrics |", "|---|---|---|"]
         for name, trip in roundtrip_lib.ROUND_TRIPS.items():
             got = {k.removeprefix(f"{name}/"): v for k, v in trips["metrics"].items() if k.startswith(f"{name}/")}
+            if not got:
+                continue
             head = [k for k in trip.headline if k in got]
-            if got:
-                lines.append(f"| {name} | {', '.join(f'{k} {_fmt(got[k])}' for k in head)} | "
-                             f"{', '.join(f'{k} {_fmt(v)}' for k, v in sorted(got.items()) if k not in head)} |")
+            lines.append(f"| {name} | {', '.join(f'{k} {_fmt(got[k])}' for k in head)} | "
+                         f"{', '.join(f'{k} {_fmt(v)}' for k, v in sorted(got.items()) if k not in head)} |")
         if trips.get("path"):
             lines += ["", f"round trips' grids, WAVs and spectrograms: `{trips['path']}/summary.md`"]
     if trips is not None:
