@@ -3,6 +3,9 @@ DIR/results.md, DIR/results.json and the plots (DIR/scaling.png, DIR/margins.png
 python -m benchmarks --real-data REC [--held-out NAME ...]: only the real-data comparison (benchmarks/real_data.py) on
 the folder REC of {label}_{speaker}_{take}.wav files, each speaker (or those named) held out in turn; it writes
 DIR/real_data.md and DIR/real_data.json.
+python -m benchmarks --completion-bound ROOT: only how much of a test image's shape its top half tells, the ceiling on
+ImageGPT's completions (benchmarks/completion_bound.py) on ROOT's latest built-in run; it writes
+DIR/completion_bound.md and DIR/completion_bound.json.
 
 Each benchmark module has `run(quick) -> list[Row]` (scaling also takes `out`, the folder for its plot); rows
 compare a candidate to a baseline measured side by side in the same process (alternating repetitions, medians).
@@ -166,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--normalise-by", metavar="FIELD", help="with --real-data: pass `tessera run --normalise-by "
                     "FIELD` (speaker: each speaker's mean log-mel moved to the train split's; the baseline reads the "
                     "same features)")
+    ap.add_argument("--completion-bound", type=Path, metavar="ROOT", help="run only the measure of how much shape "
+                    "a test image's top half tells (a CNN on ImageGPT's top halves, ROOT's latest built-in run; "
+                    "benchmarks/completion_bound.py)")
     args = ap.parse_args(argv)
     if (args.held_out or args.normalise_by) and not args.real_data:
         ap.error("--held-out and --normalise-by need --real-data REC")
@@ -173,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import real_data
 
         real_data.run(args.real_data, args.out, args.held_out, args.normalise_by)
+        return 0
+    if args.completion_bound:
+        from benchmarks import completion_bound
+
+        completion_bound.run(args.completion_bound, args.out)
         return 0
     names = args.only or list(BENCHMARKS)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from benchmarks.__main__ import BENCHMARKS, main, markdown
 from tasks.infra.hardware import BF16_MARGIN
@@ -124,3 +125,39 @@ def test_markdown_lists_every_row_kind():
     md = markdown(result)
     assert "| x |" in md and "| MISS | miss: why |" in md and "| gpu |" in md and "| z |" in md and "ERROR" in md
     assert "x [1, 1, 1] -> [2, 2, 2]" in md and len(BENCHMARKS) == 8
+
+
+def _halves(n: int, told: bool, seed: int):
+    """Synthetic top halves (N, 3, 4, 8) of 3 classes: a bar across the row of its class when `told` (what mirroring
+    keeps), else all blank; random bright colours, half of the images held out."""
+    from benchmarks.completion_bound import Halves
+
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = -torch.ones(n, 3, 4, 8)
+    if told:
+        colour = torch.rand(n, 3, 1, generator=g)
+        for i, c in enumerate(y.tolist()):
+            x[i, :, c, 2:6] = colour[i]
+    heldout = torch.arange(n) % 2 == 0
+    return Halves(x, y, heldout, torch.full((n,), told))
+
+
+@pytest.mark.parametrize("told", [True, False])
+def test_the_completion_bound_reads_what_top_halves_tell(told):
+    """A posterior trained on top halves that name their class reads near 1 on held-out ones, and near a third
+    (3 classes) where every top half is blank: the bound measures the halves, not the training."""
+    from benchmarks.completion_bound import bound_metrics, fit, posterior
+
+    train, val, test = (_halves(n, told, seed) for n, seed in ((384, 0), (96, 1), (192, 2)))
+    net = fit(train, val, n_classes=3, seed=0, epochs=20, width=8)
+    m = bound_metrics(posterior([net], test.x), test)
+    if told:
+        assert m["all"]["argmax"] > 0.9 and m["heldout"]["mean_p_true"] > 0.7, m
+    else:
+        assert abs(m["all"]["mean_p_true"] - 1 / 3) < 0.1 and "visible" not in m, m
+
+
+def test_the_completion_bound_names_what_a_root_lacks(tmp_path):
+    with pytest.raises(SystemExit, match="no trained ImageGPT"):
+        main(["--completion-bound", str(tmp_path), "--out", str(tmp_path)])

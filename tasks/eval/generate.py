@@ -102,8 +102,9 @@ IMAGEGPT_SAMPLING = Sampling(temperature=1.0, top_k=8)
 # Consensus of n draws instead (minimum Bayes risk: the draw whose bottom-half codes differ least from the others';
 # no judge; 1,200 steps, seed 0, all 1,399, AMD EPYC 2026-12-03): n = 1 / 4 / 8: 0.598 / 0.609 / 0.615; even the
 # judge's own majority shape of 8 draws reads 0.630: the model's likeliest shape is wrong for a third of the top
-# halves. What a top half tells: a small CNN trained on the train split's top halves names the shape 0.71-0.73 and
-# gives the true one 0.66 of its probability, about what drawing from that posterior would score. Off.
+# halves. Off. What a top half tells (benchmarks/completion_bound.py, 2026-12-04): CNNs trained on the train split's
+# top halves, channels shuffled and mirrored, give the true shape 0.79 of their probability (0.66 for the smaller CNN
+# first measured): the halves tell more than this ImageGPT completes; 2x its training images lift it 0.625 -> 0.667.
 # Guided by the given half (classifier-free guidance on the prompt against a null top half of its background code;
 # default run's checkpoint, all 1,399, Intel AMX 2026-12-04): guidance 1 / 1.25 / 2 / 3: 0.629 / 0.632 / 0.600 /
 # 0.513, for twice the sampling. Off.

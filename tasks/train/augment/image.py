@@ -267,8 +267,9 @@ VIT_AUG = dict(max_shift=0, flip=True, jitter=0.0, trivial=False, mixup=0.0, cut
 # run's ViT): none 0.585 / 0.590 (held-out pairs 0.499 / 0.493, seen 0.663 / 0.678), 0.5 0.590 / 0.597 (0.511 /
 # 0.519), 1.0 0.608 / 0.600 (0.537 / 0.529, seen 0.672 / 0.665); one coloured thing 0.823 / 0.885 -> 0.896 / 0.865, six
 # shapes each; bits/token 0.328 / 0.324 -> 0.341 / 0.342 (the test images' own colours cost a little more once every
-# colour goes with every shape). A CNN trained on top halves (the bound of a completer drawing from its posterior):
-# mean probability of the true shape 0.55 -> 0.67 with the swap (0.69 recoloured by the captions' colour).
+# colour goes with every shape). A small CNN trained on top halves: mean probability of the true shape 0.55 -> 0.67
+# with the swap (0.69 recoloured by the captions' colour; larger CNNs with shuffled channels: 0.79,
+# benchmarks/completion_bound.py).
 # On by default for the built-in set alone (table `builtin_train`; 2026-12-03, fourteenth session): on a photo stand-in
 # (6,000 random 32 px crops of sklearn's china.jpg and flower.jpg, two classes, 1,200 steps, seed 0, AMD EPYC) the swap
 # raised test bits/token 1.66 -> 1.82: a photo's hues mean something (sky, foliage), and swapped ones are not the
