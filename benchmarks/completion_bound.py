@@ -120,7 +120,8 @@ def bound_metrics(p: torch.Tensor, test: Halves) -> dict[str, dict[str, float]]:
 
 
 def top_halves(root: Path) -> tuple[dict[str, Halves], list[str], dict]:
-    """ROOT's latest run -> {train, val, test: Halves} at its ImageGPT's size and palette, the shapes, and what was read."""
+    """ROOT's latest run -> ({train, val, test: Halves} at its ImageGPT's size and palette, the shapes, what was
+    read)."""
     from tasks.data.builtin import vocab
     from tasks.eval.evaluate import Run, load_model
     from tasks.eval.generate import imagegpt_pixels, imagegpt_tokens
@@ -138,7 +139,7 @@ def top_halves(root: Path) -> tuple[dict[str, Halves], list[str], dict]:
     rows, voc = side // 2, vocab.BUILTIN
     out = {}
     for split in ("train", "val", "test"):
-        samples = Run(name, gpt, ctx, split, None, root / "junk", voc).first()
+        samples = Run(name, gpt, ctx, split, None, root, voc).first()  # reads the split, writes nothing
         small = imagegpt_pixels(gpt, ctx, imagegpt_tokens(gpt, ctx, pixels(samples)))  # (N, 3, side, side) 0..255
         metas = [s["info"].get("meta") or {} for s in samples]
         out[split] = Halves(small[:, :, :rows] / 127.5 - 1,
