@@ -129,11 +129,12 @@ def top_halves(root: Path) -> tuple[dict[str, Halves], list[str], dict]:
     from tasks.train.batches import pixels
 
     latest = root / "latest.json"
-    ckpt = json.loads(latest.read_text()).get("checkpoints", {}).get("imagegpt") if latest.exists() else None
+    record = json.loads(latest.read_text()) if latest.exists() else {}
+    ckpt = record.get("checkpoints", {}).get("imagegpt")
     if ckpt is None:
         raise SystemExit(f"--completion-bound {root}: no trained ImageGPT in {latest}; run `make run` (or `tessera "
                          f"run --root {root}`) on the built-in set first")
-    prep = Path(json.loads(latest.read_text())["prep"])
+    prep = Path(record["prep"])
     name, gpt, ctx = load_model(Path(ckpt), prep, role="image-sampler")
     side = math.isqrt(gpt.cfg.seq_len)
     rows, voc = side // 2, vocab.BUILTIN

@@ -123,6 +123,11 @@ def _fmt(v) -> str:
     return str(int(v)) if float(v).is_integer() and abs(v) >= 10 else f"{v:.3g}"
 
 
+def _pairs(items) -> str:
+    """(name, value) pairs -> "name value, name value" (values by _fmt)."""
+    return ", ".join(f"{k} {_fmt(v)}" for k, v in items)
+
+
 def _register(params: PipelineParams, data: dict, trained: dict, evals: dict, prep: Path, cb: dict) -> dict:
     """Each model's validation-best checkpoint as a version of `tessera-<dataset>-<model>` (tasks/eval/registry.py)."""
     reg = Registration(params.dataset_name, data["shards"]["digest"], params.train.preset)
@@ -141,7 +146,7 @@ def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None,
         test = evals.get(m, {}).get("metrics", {})
         head = next((k for k in spec(m).headline if k in test), None)
         val = ", ".join(f"{k.removeprefix('val/')} {_fmt(v)}" for k, v in sorted(rec.get("metrics", {}).items()))
-        rest = ", ".join(f"{k} {_fmt(v)}" for k, v in sorted(test.items()) if k != head)
+        rest = _pairs((k, v) for k, v in sorted(test.items()) if k != head)
         headline = "; ".join([f"{head} {_fmt(test[head])}" if head else ""] + [
             f"{s}: {head} {_fmt(other[head])}" for s, other in evals.get(m, {}).get("others", {}).items()
             if head in other])
@@ -153,8 +158,8 @@ def _summary(trained: dict, evals: dict, trips: dict | None, index: dict | None,
             if not got:
                 continue
             head = [k for k in trip.headline if k in got]
-            lines.append(f"| {name} | {', '.join(f'{k} {_fmt(got[k])}' for k in head)} | "
-                         f"{', '.join(f'{k} {_fmt(v)}' for k, v in sorted(got.items()) if k not in head)} |")
+            lines.append(f"| {name} | {_pairs((k, got[k]) for k in head)} | "
+                         f"{_pairs((k, v) for k, v in sorted(got.items()) if k not in head)} |")
         if trips.get("path"):
             lines += ["", f"round trips' grids, WAVs and spectrograms: `{trips['path']}/summary.md`"]
     if trips is not None:
